@@ -1,0 +1,92 @@
+"""Whole-run checkpoints with orbax: atomic, keep-last-n, resumable, loud on mismatch.
+
+A checkpoint at step s holds the run state after s completed rounds: the device pytree (global
+LoRA + head, and later per-client residuals) and a JSON record of host state (the config it was
+made with; later the virtual queue and solver counters). Orbax writes each step to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint intact and the half-written one is never picked up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used for this run; the message says why."""
+
+
+class RunCheckpointer:
+  """Saves and restores (device state, host state) pairs keyed by completed rounds."""
+
+  def __init__(self, directory: str, *, every: int, keep: int):
+    self.directory = os.path.abspath(directory)
+    self._every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    # Naming the handlers up front lets a fresh manager read a step's metadata before restoring.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def should_save(self, step: int, last_step: int) -> bool:
+    return step % self._every == 0 or step == last_step
+
+  def save(self, step: int, state: PyTree, host: dict[str, Any]) -> None:
+    """Writes the checkpoint for `step` completed rounds and waits until it is on disk."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host))
+    self._manager.save(step, args=args, force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Restores `step` into the structure, shapes and dtypes of `template`.
+
+    Raises:
+      CheckpointError: naming the directory and what differs, when the saved tree does not
+        match the template (a different model size, rank or target set).
+    """
+    self._check_shapes(step, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                              host=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # orbax raises several types for a malformed step directory
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} could not be read ({type(e).__name__}: {e}). "
+          "Delete that step directory to resume from an older one, or use a new --workdir."
+      ) from e
+    return restored.state, dict(restored.host)
+
+  def _check_shapes(self, step: int, template: PyTree) -> None:
+    """Compares the saved tree's leaf paths and shapes with the template's."""
+    try:
+      meta = self._manager.item_metadata(step)
+      saved = meta["state"] if meta is not None else None
+    except Exception:  # metadata is optional; restore() reports unreadable checkpoints
+      return
+    if saved is None:
+      return
+    want = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(template)}
+    have = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    problems = [f"missing in checkpoint: {k}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"not in this model: {k}" for k in sorted(have.keys() - want.keys())]
+    problems += [f"{k}: checkpoint {have[k]} vs model {want[k]}"
+                 for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
+    if problems:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match this run's model "
+          f"(different size, rank or LoRA targets?):\n  " + "\n  ".join(problems))
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,225 @@
+"""Run configuration: the default ConfigDict, the `file.py:arg` parser, and validation.
+
+Every config file in `configs/` starts from `base_config()` and changes what it needs. `validate`
+checks every field before anything is traced, so a bad value produces one message naming the
+field and what is allowed, never a stack trace from inside jit.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Iterable
+
+import ml_collections
+
+CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+BACKBONE_KINDS = ("pretrain", "random")  # or a path to a ViT .npz checkpoint
+PAYLOAD_VALUE_BITS = (16, 32)
+
+# Fields that may differ between a checkpointed run and the command that resumes it: they change
+# how long the run goes or what it logs, never the computation of a round that already ran.
+RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+
+
+class ConfigError(ValueError):
+  """A config value is out of range or inconsistent; the message names the field."""
+
+  def __init__(self, field: str, value: Any, allowed: str):
+    self.field = field
+    super().__init__(f"config.{field} = {value!r} is invalid: {allowed}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults; config files override a few of them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # root of all randomness: device keys fold_in(seed, round), host rngs [seed, stream, round]
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashion_mnist"  # a registered source: fashion_mnist, digits, cifar10, cifar100
+  c.data.data_dir = ""  # prepared TFDS data dir; "" = the source's default location
+  c.data.image_size = 0  # side the model sees; images are resized on the device; 0 = native
+  c.data.pretrain_fraction = 0.5  # share of training images held out for backbone pretraining
+  c.data.partition = "shards"  # iid | shards | dirichlet
+  c.data.shards_per_client = 2  # label-sorted shards per client (partition=shards)
+  c.data.dirichlet_alpha = 0.5  # concentration (partition=dirichlet); smaller = more skewed
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "cpu_small"  # tiny | cpu_small | B/16
+  c.model.backbone = "pretrain"  # pretrain (self-pretrained, cached) | random | path/to/vit.npz
+  c.model.cache_dir = "~/.cache/softjax/backbones"  # where self-pretrained backbones are kept
+
+  c.pretrain = ml_collections.ConfigDict()  # central pretraining of the backbone (model.backbone=pretrain)
+  c.pretrain.num_classes = 5  # trained on classes 0..num_classes-1 of the held-out images
+  c.pretrain.steps = 800
+  c.pretrain.batch_size = 64
+  c.pretrain.learning_rate = 1e-3  # peak of a warmup-cosine AdamW schedule
+  c.pretrain.weight_decay = 1e-4
+  c.pretrain.seed = 0
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 8
+  c.lora.alpha = 8.0  # adapter scale is alpha / rank
+  c.lora.targets = "query,value"  # comma list of query,key,value,out,mlp; "" = head only
+
+  c.fl = ml_collections.ConfigDict()
+  c.fl.num_clients = 20  # N
+  c.fl.clients_per_round = 5  # K, sampled uniformly without replacement
+  c.fl.rounds = 30  # T
+  c.fl.local_steps = 10  # E
+  c.fl.batch_size = 32  # b
+  c.fl.client_optimizer = "sgd"  # sgd | momentum | adam; fresh state every round
+  c.fl.client_lr = 0.05
+  c.fl.client_parallelism = 1  # lax.map batch size: 1 = sequential in-graph (CPU), K = full vmap
+  c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 10  # evaluate every n rounds and always after the last
+  c.eval.num_examples = 0  # test examples used; 0 = the whole test split
+  c.eval.batch_size = 500
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 5  # save the whole run state every n rounds and after the last
+  c.checkpoint.keep = 2  # keep the newest n checkpoints
+  return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config-file argument `key=value,flag` into a ConfigDict of typed values.
+
+  `configs/quickstart.py:rounds=3,runlocal` passes "rounds=3,runlocal"; a bare name sets a
+  boolean default to True. Values take the type of their default.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, _, raw = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"<arg>.{key}", item, f"known arguments are {sorted(defaults)}")
+    default = defaults[key]
+    if not raw:
+      value = True
+    elif isinstance(default, str):
+      value = raw
+    else:
+      value = type(default)(ast.literal_eval(raw))
+    parsed[key] = value
+  return parsed
+
+
+def lora_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The adapted projections named by config.lora.targets."""
+  return tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(field, value, allowed)
+
+
+def _check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
+  choices = tuple(choices)
+  _check(value in choices, field, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_int(field: str, value: Any, low: int, high: int | None = None, what: str = "") -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+  ok = ok and (high is None or value <= high)
+  bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+  _check(ok, field, value, f"must be {bound}{what}")
+
+
+def _check_positive(field: str, value: Any) -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+  _check(ok, field, value, "must be a number > 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field that does not need the data; raises ConfigError on the first bad one."""
+  from softjax.data import partition as partition_lib
+  from softjax.data import sources
+  from softjax.models import vit
+
+  _check_int("seed", config.seed, 0)
+  _check_choice("data.name", config.data.name, sources.available_sources())
+  f = config.data.pretrain_fraction
+  _check(isinstance(f, (int, float)) and 0 <= f < 1, "data.pretrain_fraction", f,
+         "must be in [0, 1)")
+  _check_int("data.image_size", config.data.image_size, 0, what=" (0 = native size)")
+  _check_choice("data.partition", config.data.partition, partition_lib.PARTITIONS)
+  _check_int("data.shards_per_client", config.data.shards_per_client, 1)
+  _check_positive("data.dirichlet_alpha", config.data.dirichlet_alpha)
+
+  _check_choice("model.variant", config.model.variant, vit.VARIANTS)
+  backbone = config.model.backbone
+  _check(backbone in BACKBONE_KINDS or str(backbone).endswith(".npz"), "model.backbone",
+         backbone, f"must be one of {', '.join(BACKBONE_KINDS)} or a path to a .npz checkpoint")
+  if backbone == "pretrain":
+    _check(f > 0, "data.pretrain_fraction", f,
+           "must be > 0 when model.backbone = 'pretrain' (the backbone needs held-out images)")
+  _check_int("pretrain.num_classes", config.pretrain.num_classes, 1)
+  _check_int("pretrain.steps", config.pretrain.steps, 1)
+  _check_int("pretrain.batch_size", config.pretrain.batch_size, 1)
+  _check_positive("pretrain.learning_rate", config.pretrain.learning_rate)
+  _check(config.pretrain.weight_decay >= 0, "pretrain.weight_decay",
+         config.pretrain.weight_decay, "must be >= 0")
+
+  _check_int("lora.rank", config.lora.rank, 1)
+  _check_positive("lora.alpha", config.lora.alpha)
+  for target in lora_targets(config):
+    _check_choice("lora.targets", target, vit.LORA_TARGETS)
+
+  fl = config.fl
+  _check_int("fl.num_clients", fl.num_clients, 1)
+  _check_int("fl.clients_per_round", fl.clients_per_round, 1, fl.num_clients,
+             " (at most fl.num_clients)")
+  _check_int("fl.rounds", fl.rounds, 1)
+  _check_int("fl.local_steps", fl.local_steps, 1)
+  _check_int("fl.batch_size", fl.batch_size, 1)
+  _check_choice("fl.client_optimizer", fl.client_optimizer, CLIENT_OPTIMIZERS)
+  _check_positive("fl.client_lr", fl.client_lr)
+  _check_int("fl.client_parallelism", fl.client_parallelism, 1, fl.clients_per_round,
+             " (at most fl.clients_per_round)")
+  _check(fl.value_bits in PAYLOAD_VALUE_BITS, "fl.value_bits", fl.value_bits,
+         f"must be one of {PAYLOAD_VALUE_BITS}")
+
+  _check_int("eval.every", config.eval.every, 1)
+  _check_int("eval.num_examples", config.eval.num_examples, 0, what=" (0 = whole test split)")
+  _check_int("eval.batch_size", config.eval.batch_size, 1)
+  _check_int("checkpoint.every", config.checkpoint.every, 1)
+  _check_int("checkpoint.keep", config.checkpoint.keep, 1)
+
+
+def validate_against_data(config: ml_collections.ConfigDict, *, num_classes: int,
+                          client_sizes: Iterable[int] | None = None,
+                          num_federated: int | None = None) -> None:
+  """The rules that need the loaded dataset or the partition."""
+  _check_int("pretrain.num_classes", config.pretrain.num_classes, 1, num_classes,
+             f" (the dataset has {num_classes} classes)")
+  if num_federated is not None:
+    _check(config.fl.num_clients <= num_federated, "fl.num_clients", config.fl.num_clients,
+           f"must be at most the {num_federated} federated training examples")
+  if client_sizes is not None:
+    smallest = min(client_sizes)
+    _check(config.fl.batch_size <= smallest, "fl.batch_size", config.fl.batch_size,
+           f"must be at most the smallest client's example count ({smallest}); "
+           "lower it or use fewer clients")
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """{'fl.rounds': 30, ...}: the leaves of a (nested) ConfigDict or dict."""
+  items = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      items.update(flat_items(value, name + "."))
+    else:
+      items[name] = value
+  return items
+
+
+def resume_conflicts(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
+  """Fields whose value differs from the checkpointed run's, except RESUMABLE_FIELDS."""
+  now = flat_items(current)
+  before = flat_items(saved)
+  keys = sorted(set(now) | set(before))
+  return [f"{k}: checkpoint has {before.get(k)!r}, command has {now.get(k)!r}" for k in keys
+          if k not in RESUMABLE_FIELDS and before.get(k) != now.get(k)]
