@@ -1,0 +1,26 @@
+r"""CPU-scale quickstart: LoRA fine-tuning of a small pretrained ViT on non-IID Fashion-MNIST.
+
+20 clients hold the half of the training images that pretraining never saw, two label shards
+each; 5 clients per round train rank-8 LoRA on query/value for 10 local steps. The backbone is
+pretrained centrally on classes 0-4 of the other half (made on first use, then cached).
+
+  python -m experiments.run --config=configs/quickstart.py --workdir=workdirs/quickstart
+
+Arguments (`configs/quickstart.py:rounds=10,head_only`):
+  rounds: number of federated rounds.
+  head_only: train only the classifier head (the baseline LoRA must beat).
+"""
+
+from softjax import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, rounds=30, head_only=False)
+  config = config_lib.base_config()
+  config.data.name = "fashion_mnist"
+  config.model.variant = "cpu_small"
+  config.fl.rounds = args.rounds
+  if args.head_only:
+    config.lora.targets = ""
+  config.lock()
+  return config

@@ -1,0 +1,244 @@
+"""The experiment: set up once on the host, then a thin loop around one jitted round.
+
+  host, once:  data -> disjoint pretrain / federated split -> non-IID partition -> device arrays
+               backbone (cached pretraining or a ViT .npz) -> frozen params; LoRA init
+               orbax: restore the whole run state if the workdir has a checkpoint
+  each round:  host samples S_t -> device round_fn -> metrics row -> eval / checkpoint
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from softjax import backbone as backbone_lib
+from softjax import checkpointing
+from softjax import config as config_lib
+from softjax import federated
+from softjax import metrics as metrics_lib
+from softjax import payload
+from softjax.data import partition as partition_lib
+from softjax.data import sources
+from softjax.models import lora as lora_lib
+from softjax.models import vit
+
+HOST_STREAM_PARTITION = 1  # host rng streams: [seed, stream, ...]; 0 is client sampling
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class FederatedSetup:
+  """Everything a run needs that does not change between rounds."""
+  model: vit.VisionTransformer
+  apply_fn: Callable
+  frozen: Any  # backbone params without the head, device-resident
+  init_state: federated.ServerState
+  data: federated.FederatedData
+  test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
+  client_sizes: np.ndarray  # [N]
+  bits_per_client: int
+
+
+def make_apply_fn(model: vit.VisionTransformer) -> federated.ApplyFn:
+  """apply_fn(frozen, trainable, images) -> logits, resizing images to the model's input size."""
+  size = model.config.image_size
+
+  def apply_fn(frozen, trainable, images):
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                "bilinear")
+    params = lora_lib.join_head(frozen, trainable.head)
+    return model.apply({"params": params, "lora": trainable.lora}, images)
+
+  return apply_fn
+
+
+def load_federated_data(config: ml_collections.ConfigDict):
+  """Loads the data set, splits off the pretraining images and partitions the rest.
+
+  Returns:
+    (dataset, pretrain_idx, federated_idx, client_indices) with client_indices indexing into
+    federated_idx.
+  """
+  dataset = sources.load_dataset(config.data.name, config.data.data_dir or None)
+  pretrain_idx, federated_idx = sources.pretrain_federated_split(
+      len(dataset.train_labels), config.data.pretrain_fraction)
+  config_lib.validate_against_data(config, num_classes=dataset.num_classes,
+                                   num_federated=len(federated_idx))
+  rng = np.random.default_rng([config.seed, HOST_STREAM_PARTITION])
+  clients = partition_lib.partition(
+      dataset.train_labels[federated_idx], config.fl.num_clients, config.data.partition, rng=rng,
+      shards_per_client=config.data.shards_per_client,
+      dirichlet_alpha=config.data.dirichlet_alpha)
+  config_lib.validate_against_data(config, num_classes=dataset.num_classes,
+                                   client_sizes=[len(c) for c in clients])
+  return dataset, pretrain_idx, federated_idx, clients
+
+
+def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int):
+  """Test images/labels padded to a multiple of batch_size, with a 0/1 mask for padding."""
+  n = len(dataset.test_labels) if num_examples == 0 else min(num_examples,
+                                                             len(dataset.test_labels))
+  padded = -(-n // batch_size) * batch_size
+  images = np.zeros((padded,) + dataset.test_images.shape[1:], np.uint8)
+  labels = np.zeros((padded,), np.int32)
+  images[:n], labels[:n] = dataset.test_images[:n], dataset.test_labels[:n]
+  mask = (np.arange(padded) < n).astype(np.float32)
+  return jax.device_put((images, labels, mask))
+
+
+def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
+  """Host-side preparation, run once per experiment."""
+  dataset, pretrain_idx, federated_idx, clients = load_federated_data(config)
+  native = dataset.train_images.shape[1:]
+  side = config.data.image_size or native[0]
+  image_shape = (side, side, native[2])
+  model = vit.VisionTransformer(
+      vit.make_vit_config(config.model.variant, image_size=side,
+                          channels=native[2], num_classes=dataset.num_classes),
+      vit.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                     targets=config_lib.lora_targets(config)))
+  params = backbone_lib.load_backbone(config, model, dataset, pretrain_idx, image_shape)
+  frozen, head = lora_lib.split_head(params)
+  lora_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  lora = lora_lib.init_lora(model, lora_key, image_shape)
+  table = partition_lib.pad_client_indices(clients)
+  data = federated.FederatedData(
+      images=jax.device_put(dataset.train_images[federated_idx]),
+      labels=jax.device_put(dataset.train_labels[federated_idx].astype(np.int32)),
+      table=jax.device_put(table.indices), counts=jax.device_put(table.counts))
+  head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
+  bits = payload.lora_upload_bits([(d_in, d_out) for _, d_in, d_out in
+                                   lora_lib.lora_layer_dims(lora)],
+                                  rank=config.lora.rank, kept=config.lora.rank,
+                                  value_bits=config.fl.value_bits, head_params=head_params)
+  state = federated.ServerState(trainable=federated.Trainable(lora=lora, head=head),
+                                round=jnp.zeros((), jnp.int32))
+  return FederatedSetup(
+      model=model, apply_fn=make_apply_fn(model), frozen=jax.device_put(frozen),
+      init_state=jax.device_put(state), data=data,
+      test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
+      client_sizes=table.counts, bits_per_client=bits)
+
+
+def _state_to_tree(state: federated.ServerState) -> dict:
+  return {"lora": state.trainable.lora, "head": state.trainable.head, "round": state.round}
+
+
+def _tree_to_state(tree: dict) -> federated.ServerState:
+  return federated.ServerState(
+      trainable=federated.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"])
+
+
+def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.ConfigDict,
+                    init_state: federated.ServerState):
+  """(state, host record, completed rounds) from the newest checkpoint, or the initial state."""
+  step = ckpt.latest_step()
+  if step is None:
+    return init_state, {"cum_uplink_bits": 0}, 0
+  tree, host = ckpt.restore(step, _state_to_tree(init_state))
+  conflicts = config_lib.resume_conflicts(host["config"], config)
+  if conflicts:
+    raise checkpointing.CheckpointError(
+        f"the checkpoint in {ckpt.directory} was made with a different config; resume with the "
+        "same settings (only " + ", ".join(config_lib.RESUMABLE_FIELDS) + " may change) or use "
+        "a new --workdir. Differences:\n  " + "\n  ".join(conflicts))
+  logging.info("resuming from %s after %d completed rounds", ckpt.directory, step)
+  return _tree_to_state(tree), host, step
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        on_round_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) a federated experiment; writes config.json, metrics.jsonl, checkpoints.
+
+  Args:
+    config: a ConfigDict from configs/ (validated here).
+    workdir: output directory; a checkpoint in it is resumed.
+    on_round_end: called with the completed round number after its row and checkpoint are
+      written (tests use it to interrupt a run at a known point).
+
+  Returns:
+    A summary dict: final_accuracy, rounds, cum_uplink_bits, wall_time_s, round_traces, rows.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  start = time.time()
+  setup = build_setup(config)
+  fl = config.fl
+  traces = collections.Counter()
+  round_fn = federated.make_round(setup.apply_fn, optimizer=fl.client_optimizer,
+                                  local_steps=fl.local_steps, batch_size=fl.batch_size,
+                                  client_parallelism=fl.client_parallelism)
+
+  def counted_round(*args):
+    traces["round"] += 1  # runs once per trace, not per call: the recompile guard
+    return round_fn(*args)
+
+  round_jit = jax.jit(counted_round, donate_argnums=0)
+  eval_jit = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
+  hparams = federated.RoundHparams(client_lr=jnp.float32(fl.client_lr))
+  root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+
+  ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
+                                       every=config.checkpoint.every, keep=config.checkpoint.keep)
+  state, host, done = restore_or_init(ckpt, config, setup.init_state)
+  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
+  cum_bits = int(host["cum_uplink_bits"])
+  loop_start, accuracy = time.time(), None
+  try:
+    for t in range(done, fl.rounds):
+      tick = time.time()
+      clients = federated.sample_clients(config.seed, t, fl.num_clients, fl.clients_per_round)
+      state, round_metrics = round_jit(state, setup.frozen, setup.data, clients, root_key,
+                                       hparams)
+      loss = float(round_metrics.train_loss)
+      if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"round {t + 1}: training loss is {loss}; the last good checkpoint in "
+            f"{ckpt.directory} is kept. Lower fl.client_lr (now {fl.client_lr}).")
+      bits = setup.bits_per_client * fl.clients_per_round
+      cum_bits += bits
+      row = {"round": t + 1, "train_loss": loss, "uplink_bits": bits,
+             "cum_uplink_bits": cum_bits, "round_time_s": time.time() - tick}
+      if (t + 1) % config.eval.every == 0 or t + 1 == fl.rounds:
+        tick = time.time()
+        correct, count = eval_jit(setup.frozen, state.trainable, *setup.test)
+        accuracy = float(correct) / float(count)
+        row.update(test_accuracy=accuracy, eval_time_s=time.time() - tick)
+      writer.write(row)
+      rate = (t + 1 - done) / max(time.time() - loop_start, 1e-9)
+      print(metrics_lib.progress_line(row, fl.rounds, rate), flush=True)
+      if ckpt.should_save(t + 1, fl.rounds):
+        ckpt.save(t + 1, _state_to_tree(state),
+                  {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits})
+      if on_round_end is not None:
+        on_round_end(t + 1)
+  finally:
+    writer.close()
+    ckpt.close()
+
+  rows = writer.rows
+  evaluated = [r for r in rows if "test_accuracy" in r]
+  summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else accuracy,
+             "rounds": fl.rounds, "cum_uplink_bits": cum_bits,
+             "wall_time_s": time.time() - start, "round_traces": traces["round"], "rows": rows}
+  print(metrics_lib.summary_table(rows), flush=True)
+  print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "
+        f"{cum_bits / 8e6:.2f} MB | wall time {summary['wall_time_s']:.1f} s", flush=True)
+  return summary

@@ -1,0 +1,114 @@
+"""Config files load, the arg parser types values, and every validation rule names its field."""
+
+import importlib
+
+import pytest
+
+from softjax import config as config_lib
+
+CONFIG_MODULES = ("configs.quickstart", "configs.testing", "configs.cifar100_vitb16")
+
+
+@pytest.mark.parametrize("name", CONFIG_MODULES)
+def test_config_files_are_valid_and_locked(name):
+  config = importlib.import_module(name).get_config()
+  config_lib.validate(config)
+  with pytest.raises(AttributeError):
+    config.fl.not_a_field = 1  # locked: a typo in an override fails loudly
+
+
+def test_parse_arg_types_values_and_flags():
+  args = config_lib.parse_arg("rounds=3,head_only", rounds=30, head_only=False, name="x")
+  assert args.rounds == 3 and args.head_only is True and args.name == "x"
+  with pytest.raises(config_lib.ConfigError, match="known arguments"):
+    config_lib.parse_arg("roundz=3", rounds=30)
+
+
+def test_quickstart_arguments():
+  from configs import quickstart
+  config = quickstart.get_config("rounds=7,head_only")
+  assert config.fl.rounds == 7 and config.lora.targets == ""
+
+
+def make_testing_config():
+  from configs import testing
+  return testing.get_config().unlock()
+
+
+# (field, bad value, text the message must contain)
+RULES = [
+    ("seed", -1, "integer >= 0"),
+    ("data.name", "mnist", "fashion_mnist"),
+    ("data.image_size", -2, "native"),
+    ("data.pretrain_fraction", 1.0, "[0, 1)"),
+    ("data.partition", "label", "iid, shards, dirichlet"),
+    ("data.shards_per_client", 0, "integer >= 1"),
+    ("data.dirichlet_alpha", 0.0, "> 0"),
+    ("model.variant", "huge", "tiny"),
+    ("model.backbone", "weights.pt", ".npz"),
+    ("pretrain.num_classes", 0, "integer >= 1"),
+    ("pretrain.steps", 0, "integer >= 1"),
+    ("pretrain.batch_size", 0, "integer >= 1"),
+    ("pretrain.learning_rate", -1.0, "> 0"),
+    ("pretrain.weight_decay", -0.1, ">= 0"),
+    ("lora.rank", 0, "integer >= 1"),
+    ("lora.alpha", 0.0, "> 0"),
+    ("lora.targets", "query,ffn", "query, key, value, out, mlp"),
+    ("fl.num_clients", 0, "integer >= 1"),
+    ("fl.clients_per_round", 7, "at most fl.num_clients"),
+    ("fl.rounds", 0, "integer >= 1"),
+    ("fl.local_steps", 0, "integer >= 1"),
+    ("fl.batch_size", 0, "integer >= 1"),
+    ("fl.client_optimizer", "lbfgs", "sgd, momentum, adam"),
+    ("fl.client_lr", 0.0, "> 0"),
+    ("fl.client_parallelism", 4, "at most fl.clients_per_round"),
+    ("fl.value_bits", 8, "(16, 32)"),
+    ("eval.every", 0, "integer >= 1"),
+    ("eval.num_examples", -1, "0 = whole test split"),
+    ("eval.batch_size", 0, "integer >= 1"),
+    ("checkpoint.every", 0, "integer >= 1"),
+    ("checkpoint.keep", 0, "integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", RULES, ids=[r[0] for r in RULES])
+def test_each_rule_names_its_field(field, value, allowed):
+  config = make_testing_config()
+  section, _, leaf = field.rpartition(".")
+  (config[section] if section else config)[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config)
+  assert err.value.field == field
+  assert f"config.{field}" in str(err.value) and allowed in str(err.value)
+
+
+def test_pretrain_backbone_needs_held_out_images():
+  config = make_testing_config()
+  config.data.pretrain_fraction = 0.0
+  with pytest.raises(config_lib.ConfigError, match="data.pretrain_fraction"):
+    config_lib.validate(config)
+  config.model.backbone = "random"
+  config_lib.validate(config)
+
+
+def test_data_dependent_rules():
+  config = make_testing_config()
+  with pytest.raises(config_lib.ConfigError, match="pretrain.num_classes.*10 classes"):
+    config.pretrain.num_classes = 11
+    config_lib.validate_against_data(config, num_classes=10)
+  config.pretrain.num_classes = 5
+  with pytest.raises(config_lib.ConfigError, match="fl.batch_size.*smallest client.*\\(5\\)"):
+    config_lib.validate_against_data(config, num_classes=10, client_sizes=[9, 5, 12])
+  with pytest.raises(config_lib.ConfigError, match="fl.num_clients"):
+    config_lib.validate_against_data(config, num_classes=10, num_federated=3)
+
+
+def test_resume_conflicts_ignore_resumable_fields():
+  saved = make_testing_config()
+  current = make_testing_config()
+  current.fl.rounds = 99
+  current.eval.every = 3
+  assert config_lib.resume_conflicts(saved.to_dict(), current) == []
+  current.lora.rank = 2
+  conflicts = config_lib.resume_conflicts(saved.to_dict(), current)
+  assert conflicts == ["lora.rank: checkpoint has 4, command has 2"]

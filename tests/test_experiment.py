@@ -1,0 +1,167 @@
+"""End-to-end runs of the `testing` config: outputs, no recompiles, kill-and-resume equality."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import testing
+from softjax import checkpointing
+from softjax import experiment
+from softjax import metrics as metrics_lib
+from softjax.models import checkpoint as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 6
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("backbones"))
+
+
+def make_config(cache_dir, rounds=ROUNDS, **overrides):
+  config = testing.get_config(f"rounds={rounds}").unlock()
+  config.model.cache_dir = cache_dir
+  for key, value in overrides.items():
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+  return config
+
+
+def comparable(rows):
+  """Rows without wall-clock fields: what must match bit for bit between runs."""
+  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_FIELDS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  summary = experiment.run(make_config(cache_dir), workdir)
+  return workdir, summary
+
+
+def test_run_writes_config_metrics_and_checkpoints(uninterrupted, cache_dir):
+  workdir, summary = uninterrupted
+  rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+  for r in rows:
+    assert {"round", "train_loss", "uplink_bits", "cum_uplink_bits", "round_time_s"} <= set(r)
+    assert np.isfinite(r["train_loss"])
+  # Evaluated every 2 rounds and always on the last.
+  assert [r["round"] for r in rows if "test_accuracy" in r] == [2, 4, 6]
+  assert rows[-1]["cum_uplink_bits"] == sum(r["uplink_bits"] for r in rows)
+  assert summary["final_accuracy"] == rows[-1]["test_accuracy"]
+  assert summary["round_traces"] == 1  # one compilation for the whole run
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["fl"]["rounds"] == ROUNDS
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if s.isdigit())
+  assert steps == [4, 6]  # every 2 rounds, keep the newest 2
+  assert len([f for f in os.listdir(cache_dir) if f.endswith(".npz")]) == 1
+
+
+def test_uplink_bits_follow_the_dense_payload(uninterrupted):
+  workdir, _ = uninterrupted
+  rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  # tiny ViT: width 16, depth 2, rank 4 on query and value -> 4 matrices of 16x16;
+  # head 16x10 + 10; 3 clients per round; float32.
+  per_client = 32 * 4 * (4 * (16 + 16)) + 32 * (16 * 10 + 10)
+  assert {r["uplink_bits"] for r in rows} == {3 * per_client}
+
+
+def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, cache_dir, tmp_path):
+  full_dir, full = uninterrupted
+  workdir = str(tmp_path / "resumed")
+
+  def crash_after_round_3(t):
+    if t == 3:  # the row of round 3 is written, the newest checkpoint is round 2
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(make_config(cache_dir), workdir, on_round_end=crash_after_round_3)
+  assert len(metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))) == 3
+  resumed = experiment.run(make_config(cache_dir), workdir)
+  want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
+  got = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  assert comparable(got) == comparable(want)
+  assert resumed["final_accuracy"] == full["final_accuracy"]
+
+
+def test_killed_launcher_resumes_to_identical_metrics(uninterrupted, cache_dir, tmp_path):
+  """SIGKILL the real launcher mid-run, start the same command again, compare every row."""
+  full_dir, _ = uninterrupted
+  workdir = str(tmp_path / "killed")
+  command = [sys.executable, "-m", "experiments.run",
+             f"--config=configs/testing.py:rounds={ROUNDS}", f"--workdir={workdir}",
+             f"--config.model.cache_dir={cache_dir}"]
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 120
+  while len(metrics_lib.read_rows(metrics_path)) < 3 and proc.poll() is None:
+    assert time.time() < deadline, "the launcher made no progress"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = len(metrics_lib.read_rows(metrics_path))
+  assert killed_at < ROUNDS, "the run finished before it could be killed"
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "final test accuracy" in done.stdout
+  want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
+  assert comparable(metrics_lib.read_rows(metrics_path)) == comparable(want)
+
+
+def test_resume_with_a_different_rank_fails_loudly(uninterrupted, cache_dir):
+  workdir, _ = uninterrupted
+  with pytest.raises(checkpointing.CheckpointError, match="lora"):
+    experiment.run(make_config(cache_dir, **{"lora.rank": 2}), workdir)
+
+
+def test_resume_with_a_changed_setting_names_it(uninterrupted, cache_dir):
+  workdir, _ = uninterrupted
+  with pytest.raises(checkpointing.CheckpointError, match="fl.client_lr"):
+    experiment.run(make_config(cache_dir, **{"fl.client_lr": 0.3}), workdir)
+
+
+def test_more_rounds_extend_a_finished_run(uninterrupted, cache_dir, tmp_path):
+  workdir, _ = uninterrupted
+  copy = str(tmp_path / "extended")
+  subprocess.run(["cp", "-r", workdir, copy], check=True)
+  summary = experiment.run(make_config(cache_dir, rounds=ROUNDS + 1), copy)
+  rows = summary["rows"]
+  assert [r["round"] for r in rows] == list(range(1, ROUNDS + 2))
+  assert summary["round_traces"] == 1
+
+
+def test_head_only_and_vmapped_clients_run(cache_dir, tmp_path):
+  summary = experiment.run(
+      make_config(cache_dir, rounds=2, **{"lora.targets": "", "fl.client_parallelism": 3}),
+      str(tmp_path / "head"))
+  assert summary["rows"][-1]["uplink_bits"] == 3 * 32 * (16 * 10 + 10)
+
+
+def test_missing_backbone_file_is_a_clear_error(cache_dir, tmp_path):
+  config = make_config(cache_dir, **{"model.backbone": str(tmp_path / "nope.npz")})
+  with pytest.raises(FileNotFoundError, match="nope.npz"):
+    experiment.run(config, str(tmp_path / "w"))
+
+
+def test_pretrain_launcher_writes_a_loadable_checkpoint(cache_dir, tmp_path):
+  out = str(tmp_path / "vit_tiny.npz")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.pretrain", "--config=configs/testing.py",
+       f"--out={out}", "--config.pretrain.steps=10"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  flat = ckpt_lib.load_npz(out)
+  assert flat["head/kernel"].shape == (16, 5)  # pretrained on 5 classes
+  summary = experiment.run(make_config(cache_dir, rounds=1, **{"model.backbone": out}),
+                           str(tmp_path / "from_npz"))
+  assert summary["rounds"] == 1
