@@ -12,9 +12,9 @@ holds, restricted to classes 0..pretrain.num_classes-1.
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from experiments import common
 from softjax import backbone
 from softjax import config as config_lib
 from softjax.data import sources
@@ -25,18 +25,21 @@ _OUT = flags.DEFINE_string("out", None, "Output .npz; default: the config's cach
 flags.mark_flags_as_required(["config"])
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def pretrain(config) -> str:
+  """Pretrains the config's backbone; returns the path of the .npz written."""
   config_lib.validate(config)
   dataset = sources.load_dataset(config.data.name, config.data.data_dir or None)
   config_lib.validate_against_data(config, num_classes=dataset.num_classes)
   pretrain_idx, _ = sources.pretrain_federated_split(len(dataset.train_labels),
                                                      config.data.pretrain_fraction)
   path = _OUT.value or backbone.cache_path(config, dataset.train_images.shape[1:])
-  backbone.make_pretrained_backbone(config, dataset, pretrain_idx, path)
-  logging.info("wrote %s", path)
-  print(path)
+  return backbone.make_pretrained_backbone(config, dataset, pretrain_idx, path)
+
+
+def main(argv):
+  del argv
+  common.quiet_libraries()
+  print(common.exit_on_user_error(pretrain, _CONFIG.value))
 
 
 if __name__ == "__main__":

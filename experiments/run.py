@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import common
 from softjax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file in configs/.",
@@ -22,7 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  common.quiet_libraries()
+  common.exit_on_user_error(experiment.run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

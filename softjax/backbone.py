@@ -41,8 +41,8 @@ def make_pretrained_backbone(config: ml_collections.ConfigDict, dataset: sources
   """Pretrains the backbone on the held-out split and writes it to `path` as a ViT .npz."""
   chosen = pretraining.pretrain_examples(dataset.train_labels, pretrain_idx,
                                          config.pretrain.num_classes)
-  logging.info("pretraining a %s backbone on %d held-out images of classes 0..%d -> %s",
-               config.model.variant, len(chosen), config.pretrain.num_classes - 1, path)
+  print(f"pretraining a {config.model.variant} backbone on {len(chosen)} held-out images of "
+        f"classes 0..{config.pretrain.num_classes - 1} -> {path}", flush=True)
   params = pretraining.pretrain_backbone(config.model.variant, dataset.train_images[chosen],
                                          dataset.train_labels[chosen], config.pretrain)
   ckpt_lib.save_npz(path, params)
@@ -66,7 +66,7 @@ def load_backbone(config: ml_collections.ConfigDict, model: vit.VisionTransforme
     if not os.path.exists(path):
       make_pretrained_backbone(config, dataset, pretrain_idx, path)
     else:
-      logging.info("using the cached pretrained backbone %s", path)
+      print(f"using the cached pretrained backbone {path}", flush=True)
   else:
     path = os.path.expanduser(kind)
   return ckpt_lib.load_pretrained(path, init, reset_head=True)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from softjax import backbone as backbone_lib
 from softjax import checkpointing
@@ -156,7 +155,7 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
         f"the checkpoint in {ckpt.directory} was made with a different config; resume with the "
         "same settings (only " + ", ".join(config_lib.RESUMABLE_FIELDS) + " may change) or use "
         "a new --workdir. Differences:\n  " + "\n  ".join(conflicts))
-  logging.info("resuming from %s after %d completed rounds", ckpt.directory, step)
+  print(f"resuming from {ckpt.directory} after {step} completed rounds", flush=True)
   return _tree_to_state(tree), host, step
 
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from softjax.data import batching
 from softjax.models import lora as lora_lib
@@ -94,6 +93,6 @@ def pretrain_backbone(variant: str, images: np.ndarray, labels: np.ndarray,
     params, opt_state, loss, acc = run_steps(params, opt_state, images_d, labels_d,
                                              jax.random.fold_in(data_key, done))
     done += chunk
-    logging.info("pretrain step %d/%d: loss %.4f, train acc %.3f (%.0f s)", done,
-                 cfg.steps, float(loss), float(acc), time.time() - start)
+    print(f"pretrain step {done}/{cfg.steps}: loss {float(loss):.4f}, train acc "
+          f"{float(acc):.3f} ({time.time() - start:.0f} s)", flush=True)
   return jax.device_get(params)

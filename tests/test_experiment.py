@@ -165,3 +165,15 @@ def test_pretrain_launcher_writes_a_loadable_checkpoint(cache_dir, tmp_path):
   summary = experiment.run(make_config(cache_dir, rounds=1, **{"model.backbone": out}),
                            str(tmp_path / "from_npz"))
   assert summary["rounds"] == 1
+
+
+def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--config=configs/testing.py",
+       f"--workdir={tmp_path}", "--config.fl.clients_per_round=50"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      "error: config.fl.clients_per_round = 50 is invalid: must be an integer in [1, 6] "
+      "(at most fl.num_clients)")
+  assert "Traceback" not in done.stderr
