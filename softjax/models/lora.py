@@ -92,7 +92,7 @@ def lora_scale(lora_cfg: LoRAConfig) -> float:
   return float(lora_cfg.alpha) / lora_cfg.rank
 
 
-def _is_factor_pair(node: Any) -> bool:
+def is_factor_pair(node: Any) -> bool:
   """True for the `{"A", "B"}` dict of one adapted layer."""
   return isinstance(node, Mapping) and set(node.keys()) == {"A", "B"}
 
@@ -112,7 +112,7 @@ def lora_layers(lora_tree: PyTree) -> list[tuple[str, Mapping[str, jax.Array]]]:
     `(path, {"A": ..., "B": ...})` per layer, path like
     `"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query"`.
   """
-  leaves, _ = jax.tree.flatten_with_path(lora_tree, is_leaf=_is_factor_pair)
+  leaves, _ = jax.tree.flatten_with_path(lora_tree, is_leaf=is_factor_pair)
   return [(_path_str(path), pair) for path, pair in leaves]
 
 
