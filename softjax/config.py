@@ -61,6 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 8.0  # adapter scale is alpha / rank
   c.lora.targets = "query,value"  # comma list of query,key,value,out,mlp; "" = head only
 
+  c.method = ml_collections.ConfigDict()  # the upload method (ALGORITHM.md 2, 3, 7)
+  c.method.name = "dense"  # dense | soft | tlora | rlora | slora
+  c.method.keep_ratio = 1.0  # O in (0, 1]: share of components (entries for tlora/rlora) sent
+  c.method.zeta = 0.0  # orthogonality penalty weight in the local objective (SOFT: e.g. 0.1)
+  c.method.penalty = "offdiag"  # offdiag [choice] | identity (AdaLoRA-style, collapses norms)
+  c.method.error_feedback = True  # residuals for soft, tlora, rlora; False is an ablation
+  c.method.selection = "per_layer"  # SOFT top-m per layer [choice] | global top-(m L)
+  c.method.score = "factors"  # SOFT score of factors + residual [choice] | update
+  c.method.aggregation = "all"  # unsent entries count as zero [choice] | senders (their mean)
+  c.method.rlora_rescale = False  # RLoRA 1/O rescaling (turns its error feedback off)
+
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 20  # N
   c.fl.clients_per_round = 5  # K, sampled uniformly without replacement
@@ -167,6 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for target in lora_targets(config):
     _check_choice("lora.targets", target, vit.LORA_TARGETS)
 
+  _validate_method(config.method)
   fl = config.fl
   _check_int("fl.num_clients", fl.num_clients, 1)
   _check_int("fl.clients_per_round", fl.clients_per_round, 1, fl.num_clients,
@@ -186,6 +198,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("eval.batch_size", config.eval.batch_size, 1)
   _check_int("checkpoint.every", config.checkpoint.every, 1)
   _check_int("checkpoint.keep", config.checkpoint.keep, 1)
+
+
+def _validate_method(method: ml_collections.ConfigDict) -> None:
+  from softjax import soft
+  from softjax import sparsifiers
+
+  _check_choice("method.name", method.name, sparsifiers.METHODS)
+  o = method.keep_ratio
+  _check(isinstance(o, (int, float)) and 0 < o <= 1, "method.keep_ratio", o, "must be in (0, 1]")
+  _check(method.name != "dense" or o == 1, "method.keep_ratio", o,
+         "must be 1.0 with method.name = 'dense' (dense uploads send everything)")
+  _check(isinstance(method.zeta, (int, float)) and method.zeta >= 0, "method.zeta", method.zeta,
+         "must be a number >= 0")
+  _check_choice("method.penalty", method.penalty, soft.PENALTY_KINDS)
+  _check_choice("method.selection", method.selection, soft.SELECTIONS)
+  _check_choice("method.score", method.score, soft.SCORE_KINDS)
+  _check_choice("method.aggregation", method.aggregation, sparsifiers.AGGREGATIONS)
+  _check(method.name != "slora" or method.aggregation == "all", "method.aggregation",
+         method.aggregation, "must be 'all' with method.name = 'slora' (it averages products)")
 
 
 def validate_against_data(config: ml_collections.ConfigDict, *, num_classes: int,

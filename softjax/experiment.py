@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -25,7 +24,7 @@ from softjax import checkpointing
 from softjax import config as config_lib
 from softjax import federated
 from softjax import metrics as metrics_lib
-from softjax import payload
+from softjax import sparsifiers
 from softjax.data import partition as partition_lib
 from softjax.data import sources
 from softjax.models import lora as lora_lib
@@ -48,7 +47,8 @@ class FederatedSetup:
   data: federated.FederatedData
   test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
   client_sizes: np.ndarray  # [N]
-  bits_per_client: int
+  sparsifier: sparsifiers.Sparsifier
+  head_params: int
 
 
 def make_apply_fn(model: vit.VisionTransformer) -> federated.ApplyFn:
@@ -120,26 +120,31 @@ def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
       labels=jax.device_put(dataset.train_labels[federated_idx].astype(np.int32)),
       table=jax.device_put(table.indices), counts=jax.device_put(table.counts))
   head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
-  bits = payload.lora_upload_bits([(d_in, d_out) for _, d_in, d_out in
-                                   lora_lib.lora_layer_dims(lora)],
-                                  rank=config.lora.rank, kept=config.lora.rank,
-                                  value_bits=config.fl.value_bits, head_params=head_params)
-  state = federated.ServerState(trainable=federated.Trainable(lora=lora, head=head),
-                                round=jnp.zeros((), jnp.int32))
+  sparsifier = make_sparsifier(config.method)
+  state = federated.init_state(lora, head, config.fl.num_clients, sparsifier.error_feedback)
   return FederatedSetup(
       model=model, apply_fn=make_apply_fn(model), frozen=jax.device_put(frozen),
       init_state=jax.device_put(state), data=data,
       test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
-      client_sizes=table.counts, bits_per_client=bits)
+      client_sizes=table.counts, sparsifier=sparsifier, head_params=head_params)
+
+
+def make_sparsifier(method: ml_collections.ConfigDict) -> sparsifiers.Sparsifier:
+  return sparsifiers.make_sparsifier(
+      method.name, selection=method.selection, score=method.score,
+      aggregation=method.aggregation, error_feedback=method.error_feedback,
+      rlora_rescale=method.rlora_rescale)
 
 
 def _state_to_tree(state: federated.ServerState) -> dict:
-  return {"lora": state.trainable.lora, "head": state.trainable.head, "round": state.round}
+  return {"lora": state.trainable.lora, "head": state.trainable.head, "round": state.round,
+          "residuals": state.residuals}
 
 
 def _tree_to_state(tree: dict) -> federated.ServerState:
   return federated.ServerState(
-      trainable=federated.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"])
+      trainable=federated.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
+      residuals=tree.get("residuals", {}))
 
 
 def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.ConfigDict,
@@ -183,7 +188,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   traces = collections.Counter()
   round_fn = federated.make_round(setup.apply_fn, optimizer=fl.client_optimizer,
                                   local_steps=fl.local_steps, batch_size=fl.batch_size,
-                                  client_parallelism=fl.client_parallelism)
+                                  client_parallelism=fl.client_parallelism,
+                                  sparsifier=setup.sparsifier, penalty=config.method.penalty,
+                                  value_bits=fl.value_bits, head_params=setup.head_params)
 
   def counted_round(*args):
     traces["round"] += 1  # runs once per trace, not per call: the recompile guard
@@ -191,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   round_jit = jax.jit(counted_round, donate_argnums=0)
   eval_jit = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
-  hparams = federated.RoundHparams(client_lr=jnp.float32(fl.client_lr))
+  hparams = federated.make_hparams(fl.client_lr, config.method.zeta, config.method.keep_ratio)
   root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
@@ -211,10 +218,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         raise NonFiniteLossError(
             f"round {t + 1}: training loss is {loss}; the last good checkpoint in "
             f"{ckpt.directory} is kept. Lower fl.client_lr (now {fl.client_lr}).")
-      bits = setup.bits_per_client * fl.clients_per_round
+      bits = int(np.sum(np.asarray(round_metrics.client_bits, np.int64)))
       cum_bits += bits
+      orth = np.asarray(round_metrics.orth_residual)
       row = {"round": t + 1, "train_loss": loss, "uplink_bits": bits,
-             "cum_uplink_bits": cum_bits, "round_time_s": time.time() - tick}
+             "cum_uplink_bits": cum_bits, "keep_ratio": config.method.keep_ratio,
+             "dropped_energy": float(round_metrics.dropped_energy),
+             "cov_term": float(round_metrics.cov_term), "orth_residual_B": float(orth[0]),
+             "orth_residual_A": float(orth[1]), "round_time_s": time.time() - tick}
       if (t + 1) % config.eval.every == 0 or t + 1 == fl.rounds:
         tick = time.time()
         correct, count = eval_jit(setup.frozen, state.trainable, *setup.test)

@@ -3,8 +3,11 @@
 One call of the jitted round function runs a whole round on the device:
   per client k in S_t: lax.scan over E local steps (batches gathered on the device) -> update
   clients: lax.map(..., batch_size=client_parallelism)  (1 = sequential in-graph, K = full vmap)
-  server:  theta^{t+1} = theta^t + sum_k p_k * delta_k, with p_k = n_k / sum_{j in S_t} n_j,
-           applied leaf by leaf, so B and A are averaged separately (ALGORITHM.md section 3).
+           -> the method's upload (sparsifiers.py: dense, SOFT, TLoRA, RLoRA, SLoRA) with
+              error-feedback residuals gathered from and written back to all N clients
+  server:  the method's aggregation; for factor uploads
+           B^{t+1} = B^t + sum_k p_k * sent_k, p_k = n_k / sum_{j in S_t} n_j, leaf by leaf,
+           so B and A are averaged separately (ALGORITHM.md section 3); head: dense FedAvg.
 
 Leading-axis conventions: `[K, ...]` sampled clients, `[N, ...]` all clients.
 """
@@ -19,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from softjax import soft
+from softjax import sparsifiers
 from softjax.data import batching
 
 PyTree = Any
@@ -35,9 +40,10 @@ class Trainable(NamedTuple):
 
 
 class ServerState(NamedTuple):
-  """The global model between rounds."""
+  """The global model between rounds, and what clients keep between rounds."""
   trainable: Trainable
   round: jax.Array  # int32 [], rounds completed
+  residuals: PyTree  # error-feedback residuals, LoRA structure with a leading [N] axis; {} if off
 
 
 class FederatedData(NamedTuple):
@@ -51,11 +57,31 @@ class FederatedData(NamedTuple):
 class RoundHparams(NamedTuple):
   """Per-round hyperparameters passed as traced arrays, so new values never recompile."""
   client_lr: jax.Array  # float32 []
+  zeta: jax.Array  # float32 [], orthogonality penalty weight (ALGORITHM.md 2.1)
+  keep_ratio: jax.Array  # float32 [], O_t in (0, 1] (ALGORITHM.md 2.3)
+
+
+def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0) -> RoundHparams:
+  return RoundHparams(client_lr=jnp.float32(client_lr), zeta=jnp.float32(zeta),
+                      keep_ratio=jnp.float32(keep_ratio))
 
 
 class RoundMetrics(NamedTuple):
   train_loss: jax.Array  # float32 [], data-weighted mean over sampled clients
   client_loss: jax.Array  # float32 [K], mean local loss per sampled client
+  client_bits: jax.Array  # int32 [K], uplink bits per sampled client (ALGORITHM.md 2.5)
+  dropped_energy: jax.Array  # float32 [], summed over clients and layers
+  cov_term: jax.Array  # float32 [], sum over layers of ||sum p_k B_k A_k - Bbar Abar||_F
+  orth_residual: jax.Array  # float32 [2], mean over layers for B^T B and A A^T (global factors)
+
+
+def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool
+               ) -> ServerState:
+  """Round 0: the initial global factors and head, zero residuals for all N clients."""
+  residuals = (jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)
+               if error_feedback else {})
+  return ServerState(trainable=Trainable(lora=lora, head=head),
+                     round=jnp.zeros((), jnp.int32), residuals=residuals)
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
@@ -79,12 +105,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int):
-  """Returns client_update(trainable, frozen, data, client_id, key, hparams) -> (delta, loss).
+def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
+                       penalty: str = "offdiag"):
+  """Returns client_update(trainable, frozen, data, client_id, key, hparams) -> (local, loss).
 
   The client starts from the global `trainable`, takes `local_steps` optimizer steps on
-  batches of its own data, and returns its model update delta_k = theta_k - theta^t and its
-  mean training loss. Only `trainable` is differentiated.
+  batches of its own data with the objective F_k + zeta * R (ALGORITHM.md 2.1), and returns
+  its trained `trainable` and its mean training loss F_k. Only `trainable` is differentiated.
   """
 
   def client_update(trainable: Trainable, frozen: PyTree, data: FederatedData,
@@ -95,19 +122,21 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
     order = batching.client_permutation(key, count, data.table.shape[1])
 
     def loss_fn(params, x, y):
-      return cross_entropy(apply_fn(frozen, params, x), y)
+      loss = cross_entropy(apply_fn(frozen, params, x), y)
+      reg = soft.orthogonality_penalty(params.lora, kind=penalty)
+      return loss + hparams.zeta * reg, loss
 
     def step(carry, s):
       params, opt_state = carry
       positions = batching.batch_positions(order, count, s, batch_size)
       x, y = batching.gather_batch(data.images, data.labels, row, positions)
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+      (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 
     (local, _), losses = jax.lax.scan(step, (trainable, tx.init(trainable)),
                                       jnp.arange(local_steps))
-    return optax.tree.sub(local, trainable), losses.mean()
+    return local, losses.mean()
 
   return client_update
 
@@ -118,38 +147,84 @@ def aggregation_weights(counts: jax.Array) -> jax.Array:
   return counts / counts.sum()
 
 
-def weighted_sum(deltas: PyTree, weights: jax.Array) -> PyTree:
-  """sum_k p_k * delta_k over the leading client axis of every leaf ([K, ...] -> [...])."""
-  return jax.tree.map(lambda d: jnp.tensordot(weights, d, axes=1), deltas)
+def covariance_diagnostic(global_lora: PyTree, sent: PyTree, weights: jax.Array) -> jax.Array:
+  """Sum over layers of the covariance term of separate B/A averaging (ALGORITHM.md 3), for
+  the factors the server received, B_k = B^t + sent_k (r x r Gram matrices only)."""
+  received = jax.tree.map(lambda g, s: g[None] + s, global_lora, sent)
+  terms = soft.covariance_terms(received, weights)
+  return jnp.sum(terms) if terms.size else jnp.zeros((), jnp.float32)
+
+
+def global_orth_residual(lora: PyTree) -> jax.Array:
+  rb, ra = soft.orthogonality_residuals(lora)
+  if rb.size == 0:
+    return jnp.zeros((2,), jnp.float32)
+  return jnp.stack([rb.mean(), ra.mean()])
 
 
 def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
-               client_parallelism: int):
+               client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
+               penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0):
   """Builds round_fn(state, frozen, data, client_ids [K], root_key, hparams) -> (state, metrics).
 
-  Dense federated LoRA (FedAvg of B, A and the head, each leaf separately). The result is
-  not jitted, so callers can wrap it (jit with donation, vmap over a sweep axis, ...).
+  Args:
+    apply_fn: the model, apply_fn(frozen, trainable, images) -> logits.
+    optimizer: client optimizer name (sgd, momentum, adam).
+    local_steps: E.
+    batch_size: b.
+    client_parallelism: lax.map batch size over the K sampled clients.
+    sparsifier: the upload method (default: dense).
+    penalty: orthogonality penalty kind (soft.PENALTY_KINDS).
+    value_bits: q, bits per uploaded value.
+    head_params: values in the head, sent densely by every client.
+
+  The result is not jitted, so callers can wrap it (jit with donation, vmap over a sweep
+  axis, ...).
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, penalty=penalty)
 
   def round_fn(state: ServerState, frozen: PyTree, data: FederatedData,
                client_ids: jax.Array, root_key: jax.Array, hparams: RoundHparams):
     chex.assert_rank(client_ids, 1)
+    method = sparsifier or sparsifiers.make_sparsifier("dense")
+    glob = state.trainable
     round_key = jax.random.fold_in(root_key, state.round)
     # Keys follow the client id, not its slot in S_t, so a client's data order does not
     # depend on which other clients were sampled with it.
     keys = jax.vmap(lambda k: jax.random.fold_in(round_key, k))(client_ids)
+    residuals = (jax.tree.map(lambda r: r[client_ids], state.residuals)
+                 if method.error_feedback else None)
 
     def one_client(args):
-      client_id, key = args
-      return client_update(state.trainable, frozen, data, client_id, key, hparams)
+      client_id, key, residual = args
+      local, loss = client_update(glob, frozen, data, client_id, key, hparams)
+      if residual is None:
+        residual = jax.tree.map(jnp.zeros_like, glob.lora)
+      # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
+      # regenerate it, so it costs no index bits.
+      upload = method.compress(glob.lora, local.lora, residual, hparams.keep_ratio,
+                               jax.random.fold_in(key, 1))
+      return upload, optax.tree.sub(local.head, glob.head), loss
 
-    deltas, losses = jax.lax.map(one_client, (client_ids, keys), batch_size=client_parallelism)
+    uploads, head_deltas, losses = jax.lax.map(one_client, (client_ids, keys, residuals),
+                                               batch_size=client_parallelism)
     weights = aggregation_weights(data.counts[client_ids])
-    trainable = optax.tree.add(state.trainable, weighted_sum(deltas, weights))
-    metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses)
-    return ServerState(trainable=trainable, round=state.round + 1), metrics
+    lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
+    head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
+    new_residuals = state.residuals
+    if method.error_feedback:
+      new_residuals = jax.tree.map(lambda all_r, r: all_r.at[client_ids].set(r),
+                                   state.residuals, uploads.residual)
+    bits = value_bits * (uploads.values + head_params) + uploads.index_bits
+    cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
+           else jnp.zeros((), jnp.float32))
+    metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses,
+                           client_bits=bits, dropped_energy=uploads.dropped_energy.sum(),
+                           cov_term=cov, orth_residual=global_orth_residual(lora))
+    new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
+                            residuals=new_residuals)
+    return new_state, metrics
 
   return round_fn
 

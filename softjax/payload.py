@@ -10,12 +10,19 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import jax.numpy as jnp
 
-def index_bits_per_layer(rank: int, kept: int) -> int:
-  """Bits that name which `kept` of `rank` components a layer sends (bitmap or index list)."""
-  if kept >= rank:
-    return 0  # every component is sent: nothing to name
-  return min(rank, kept * math.ceil(math.log2(rank)))
+
+def index_bits_per_layer(rank: int, kept):
+  """Bits that name which `kept` of `rank` entries a layer sends (bitmap or index list).
+
+  `kept` may be a Python int (host) or a traced int32 (inside the round, from the masks).
+  Sending all `rank` entries needs no index.
+  """
+  per_index = math.ceil(math.log2(rank)) if rank > 1 else 0
+  if isinstance(kept, int):
+    return 0 if kept >= rank else min(rank, kept * per_index)
+  return jnp.where(kept >= rank, 0, jnp.minimum(rank, kept * per_index)).astype(jnp.int32)
 
 
 def lora_upload_bits(layer_dims: Sequence[tuple[int, int]], *, rank: int, kept: int,

@@ -6,9 +6,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from softjax import federated
+from softjax import sparsifiers
 from softjax.data import batching
 from softjax.data import partition as partition_lib
 from softjax.models import lora as lora_lib
@@ -47,7 +49,7 @@ def test_sample_clients_is_pure_and_without_replacement():
 def test_aggregation_weights_by_data_size():
   p = federated.aggregation_weights(jnp.array([30, 10]))
   np.testing.assert_allclose(p, [0.75, 0.25])
-  total = federated.weighted_sum({"x": jnp.array([[4.0, 8.0], [-4.0, 0.0]])}, p)
+  total = sparsifiers.weighted_sum({"x": jnp.array([[4.0, 8.0], [-4.0, 0.0]])}, p)
   np.testing.assert_allclose(total["x"], [0.75 * 4 - 0.25 * 4, 0.75 * 8])
 
 
@@ -64,15 +66,14 @@ def test_two_client_fedavg_matches_hand_computation():
   deltas = [-lr * x[idx].T @ (1.0 / c - onehot[idx]) / len(idx) for idx in clients]
   expected = (6 / 8) * deltas[0] + (2 / 8) * deltas[1]
 
-  state = federated.ServerState(
-      trainable=federated.Trainable(lora={}, head={"w": jnp.zeros((4, c))}),
-      round=jnp.zeros((), jnp.int32))
+  state = federated.init_state({}, {"w": jnp.zeros((4, c))}, num_clients=2,
+                               error_feedback=False)
   full = federated.make_round(linear_apply, optimizer="sgd", local_steps=1, batch_size=6,
                               client_parallelism=2)
   # Client 1 has 2 examples: a batch of 6 wraps around them 3 times, which leaves the mean
   # gradient unchanged, so the hand formula still holds.
   new_state, metrics = jax.jit(full)(state, None, data, jnp.array([0, 1], jnp.int32),
-                                     jax.random.key(0), federated.RoundHparams(jnp.float32(lr)))
+                                     jax.random.key(0), federated.make_hparams(lr))
   np.testing.assert_allclose(new_state.trainable.head["w"], expected, rtol=1e-5, atol=1e-6)
   assert int(new_state.round) == 1
   np.testing.assert_allclose(metrics.train_loss, np.log(c), rtol=1e-6)  # uniform softmax at W=0
@@ -94,8 +95,7 @@ def tiny_setup(rank=4, targets=("query", "value"), num_clients=4, seed=0):
                         "lora": trainable.lora}, images)
 
   data, *_ = make_data([12, 9, 15, 10][:num_clients], num_classes=5, side=8, seed=seed)
-  state = federated.ServerState(trainable=federated.Trainable(lora=lora, head=head),
-                                round=jnp.zeros((), jnp.int32))
+  state = federated.init_state(lora, head, num_clients=num_clients, error_feedback=False)
   return apply_fn, frozen, state, data
 
 
@@ -103,7 +103,7 @@ def tiny_setup(rank=4, targets=("query", "value"), num_clients=4, seed=0):
 def test_sequential_and_vmapped_clients_agree(optimizer):
   apply_fn, frozen, state, data = tiny_setup()
   clients = jnp.array([0, 2, 3], jnp.int32)
-  hp = federated.RoundHparams(jnp.float32(0.05))
+  hp = federated.make_hparams(0.05)
   results = []
   for parallelism in (1, 3):
     round_fn = federated.make_round(apply_fn, optimizer=optimizer, local_steps=3, batch_size=4,
@@ -121,7 +121,7 @@ def test_round_matches_loop_of_client_updates():
   """The mapped round equals a Python loop over client_update plus weighted averaging."""
   apply_fn, frozen, state, data = tiny_setup()
   clients = np.array([1, 3], np.int32)
-  hp = federated.RoundHparams(jnp.float32(0.05))
+  hp = federated.make_hparams(0.05)
   root = jax.random.key(4)
   round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
                                   client_parallelism=1)
@@ -130,8 +130,9 @@ def test_round_matches_loop_of_client_updates():
   update = jax.jit(federated.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
                                                 batch_size=4))
   round_key = jax.random.fold_in(root, 0)
-  deltas = [update(state.trainable, frozen, data, jnp.int32(k),
-                   jax.random.fold_in(round_key, k), hp)[0] for k in clients]
+  deltas = [optax.tree.sub(update(state.trainable, frozen, data, jnp.int32(k),
+                                  jax.random.fold_in(round_key, k), hp)[0], state.trainable)
+            for k in clients]
   n = np.asarray(data.counts)[clients].astype(np.float64)
   p = n / n.sum()
   expected = jax.tree.map(lambda t, d0, d1: t + p[0] * d0 + p[1] * d1, state.trainable,
@@ -153,7 +154,7 @@ def test_no_recompilation_across_rounds_clients_and_learning_rates():
   for t, lr in enumerate([0.1, 0.05, 0.01, 0.2]):
     clients = federated.sample_clients(0, t, 4, 2)
     state, _ = step(state, frozen, data, clients, jax.random.key(0),
-                    federated.RoundHparams(jnp.float32(lr)))
+                    federated.make_hparams(lr))
   assert traces["n"] == 1
   assert int(state.round) == 4
 
