@@ -8,6 +8,7 @@ field and what is allowed, never a stack trace from inside jit.
 from __future__ import annotations
 
 import ast
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -18,7 +19,8 @@ PAYLOAD_VALUE_BITS = (16, 32)
 
 # Fields that may differ between a checkpointed run and the command that resumes it: they change
 # how long the run goes or what it logs, never the computation of a round that already ran.
-RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "checkpoint.every", "checkpoint.keep")
+RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "checkpoint.every", "checkpoint.keep",
+                    "model.cache_dir")
 
 
 class ConfigError(ValueError):
@@ -46,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.variant = "cpu_small"  # tiny | cpu_small | B/16
   c.model.backbone = "pretrain"  # pretrain (self-pretrained, cached) | random | path/to/vit.npz
-  c.model.cache_dir = "~/.cache/softjax/backbones"  # where self-pretrained backbones are kept
+  # Where self-pretrained backbones are kept ($SOFTJAX_CACHE_DIR overrides the default).
+  c.model.cache_dir = os.environ.get("SOFTJAX_CACHE_DIR", "~/.cache/softjax/backbones")
 
   c.pretrain = ml_collections.ConfigDict()  # central pretraining of the backbone (model.backbone=pretrain)
   c.pretrain.num_classes = 5  # trained on classes 0..num_classes-1 of the held-out images

@@ -201,6 +201,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   hparams = federated.make_hparams(fl.client_lr, config.method.zeta, config.method.keep_ratio)
   root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
+  # Shapes only: the state's buffers are donated to the first round.
+  lora_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                               setup.init_state.trainable.lora)
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                        every=config.checkpoint.every, keep=config.checkpoint.keep)
   state, host, done = restore_or_init(ckpt, config, setup.init_state)
@@ -247,7 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   evaluated = [r for r in rows if "test_accuracy" in r]
   summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else accuracy,
              "rounds": fl.rounds, "cum_uplink_bits": cum_bits,
-             "wall_time_s": time.time() - start, "round_traces": traces["round"], "rows": rows}
+             "wall_time_s": time.time() - start, "round_traces": traces["round"], "rows": rows,
+             "lora_template": lora_template}
   print(metrics_lib.summary_table(rows), flush=True)
   print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "
         f"{cum_bits / 8e6:.2f} MB | wall time {summary['wall_time_s']:.1f} s", flush=True)

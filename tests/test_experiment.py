@@ -177,3 +177,25 @@ def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
       "error: config.fl.clients_per_round = 50 is invalid: must be an integer in [1, 6] "
       "(at most fl.num_clients)")
   assert "Traceback" not in done.stderr
+
+
+def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
+  out = str(tmp_path / "e1")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--experiment=e1", "--scale=test",
+       f"--out={out}", "--rounds=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = json.load(open(os.path.join(out, "e1.json")))
+  assert {(r["method"], r["rank"]) for r in records} == {
+      (m, r) for m in ("dense", "soft", "tlora", "rlora", "slora") for r in (4, 8)}
+  for r in records:
+    assert {"method", "rank", "keep_ratio", "final_accuracy", "cum_uplink_bits",
+            "client_compress_time_s", "curve"} <= set(r)
+  by = {(r["method"], r["rank"]): r for r in records}
+  # O = 0.5 sends fewer bits than dense; SLoRA's compression costs more than SOFT's scoring.
+  assert by[("soft", 8)]["cum_uplink_bits"] < by[("dense", 8)]["cum_uplink_bits"]
+  assert by[("slora", 8)]["client_compress_time_s"] > by[("soft", 8)]["client_compress_time_s"]
+  assert os.path.getsize(os.path.join(out, "e1_accuracy.png")) > 10_000
+  assert "| soft | 8 | 0.50 |" in open(os.path.join(out, "e1.md")).read()

@@ -1,0 +1,43 @@
+r"""Experiment E1 (ALGORITHM.md 8): SOFT vs TLoRA / RLoRA / SLoRA vs dense, fixed keep ratio.
+
+One run of the comparison; `python -m experiments.reproduce --experiment=e1` runs them all.
+
+  python -m experiments.run --config=configs/e1.py:method=soft,rank=8 --workdir=/tmp/e1_soft8
+
+Arguments (`configs/e1.py:method=tlora,rank=4,scale=cpu,rounds=60`):
+  method: dense | soft | tlora | rlora | slora.
+  rank: LoRA rank.
+  scale: cpu (the quickstart setup), paper (ViT-B/16, CIFAR-100; an accelerator), or test.
+  keep_ratio: O for the sparsified methods (dense always sends everything).
+  zeta: SOFT's orthogonality weight (the baselines train without the penalty).
+  rounds: 0 keeps the scale's default.
+  checkpoint: the ViT-B/16 .npz for scale=paper.
+"""
+
+from configs import cifar100_vitb16
+from configs import quickstart
+from configs import testing
+from softjax import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, method="soft", rank=8, scale="cpu", keep_ratio=0.5,
+                              zeta=0.1, rounds=0, checkpoint="ViT-B_16.npz")
+  if args.scale == "cpu":
+    config = quickstart.get_config()
+  elif args.scale == "paper":
+    config = cifar100_vitb16.get_config(f"checkpoint={args.checkpoint}")
+  elif args.scale == "test":
+    config = testing.get_config()
+  else:
+    raise config_lib.ConfigError("<arg>.scale", args.scale, "must be one of cpu, paper, test")
+  config.unlock()
+  config.lora.rank = args.rank
+  config.lora.alpha = float(args.rank)  # scale alpha / r = 1 at every rank
+  config.method.name = args.method
+  config.method.keep_ratio = 1.0 if args.method == "dense" else args.keep_ratio
+  config.method.zeta = args.zeta if args.method == "soft" else 0.0
+  if args.rounds:
+    config.fl.rounds = args.rounds
+  config.lock()
+  return config
