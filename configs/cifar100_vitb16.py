@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.fl.batch_size = 32
   config.fl.client_optimizer = "sgd"
   config.fl.client_lr = 0.05
+  config.fl.lr_schedule = "cosine"
   config.fl.client_parallelism = args.parallelism
   config.eval.every = 10
   config.eval.batch_size = 250

@@ -25,6 +25,7 @@ def get_config(arg=None):
   config.fl.local_steps = 3
   config.fl.batch_size = 8
   config.fl.client_lr = 0.1
+  config.fl.lr_schedule = "constant"  # so tests can extend a finished run
   config.eval.every = 2
   config.eval.batch_size = 128
   config.checkpoint.every = 2

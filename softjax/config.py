@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import ml_collections
 
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 BACKBONE_KINDS = ("pretrain", "random")  # or a path to a ViT .npz checkpoint
 PAYLOAD_VALUE_BITS = (16, 32)
 
@@ -78,11 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 20  # N
   c.fl.clients_per_round = 5  # K, sampled uniformly without replacement
-  c.fl.rounds = 30  # T
-  c.fl.local_steps = 10  # E
+  c.fl.rounds = 80  # T
+  c.fl.local_steps = 5  # E
   c.fl.batch_size = 32  # b
   c.fl.client_optimizer = "sgd"  # sgd | momentum | adam; fresh state every round
-  c.fl.client_lr = 0.05
+  c.fl.client_lr = 0.03  # peak client learning rate
+  c.fl.lr_schedule = "cosine"  # constant | cosine: lr decays over rounds to lr_final_fraction
+  c.fl.lr_final_fraction = 0.1  # cosine: the last round's lr as a fraction of client_lr
   c.fl.client_parallelism = 1  # lax.map batch size: 1 = sequential in-graph (CPU), K = full vmap
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
 
@@ -191,6 +194,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("fl.batch_size", fl.batch_size, 1)
   _check_choice("fl.client_optimizer", fl.client_optimizer, CLIENT_OPTIMIZERS)
   _check_positive("fl.client_lr", fl.client_lr)
+  _check_choice("fl.lr_schedule", fl.lr_schedule, LR_SCHEDULES)
+  f = fl.lr_final_fraction
+  _check(isinstance(f, (int, float)) and 0 <= f <= 1, "fl.lr_final_fraction", f,
+         "must be in [0, 1]")
   _check_int("fl.client_parallelism", fl.client_parallelism, 1, fl.clients_per_round,
              " (at most fl.clients_per_round)")
   _check(fl.value_bits in PAYLOAD_VALUE_BITS, "fl.value_bits", fl.value_bits,

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -155,6 +154,11 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
     return init_state, {"cum_uplink_bits": 0}, 0
   tree, host = ckpt.restore(step, _state_to_tree(init_state))
   conflicts = config_lib.resume_conflicts(host["config"], config)
+  saved_rounds = host["config"]["fl"]["rounds"]
+  if config.fl.lr_schedule != "constant" and saved_rounds != config.fl.rounds:
+    conflicts.append(f"fl.rounds: checkpoint has {saved_rounds}, command has "
+                     f"{config.fl.rounds}; with fl.lr_schedule={config.fl.lr_schedule!r} the "
+                     "number of rounds shapes the learning rate of every round")
   if conflicts:
     raise checkpointing.CheckpointError(
         f"the checkpoint in {ckpt.directory} was made with a different config; resume with the "
@@ -162,6 +166,57 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
         "a new --workdir. Differences:\n  " + "\n  ".join(conflicts))
   print(f"resuming from {ckpt.directory} after {step} completed rounds", flush=True)
   return _tree_to_state(tree), host, step
+
+
+class RoundRunner:
+  """The jitted round and evaluation of one experiment, with a recompile counter."""
+
+  def __init__(self, config: ml_collections.ConfigDict, setup: FederatedSetup):
+    fl = config.fl
+    self.traces = 0
+    round_fn = federated.make_round(
+        setup.apply_fn, optimizer=fl.client_optimizer, local_steps=fl.local_steps,
+        batch_size=fl.batch_size, client_parallelism=fl.client_parallelism,
+        sparsifier=setup.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
+        head_params=setup.head_params)
+
+    def counted_round(*args):
+      self.traces += 1  # runs once per trace, not per call: the recompile guard
+      return round_fn(*args)
+
+    self.round = jax.jit(counted_round, donate_argnums=0)
+    self.eval = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
+    self.root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    self.setup = setup
+    self.config = config
+
+  def run_round(self, state: federated.ServerState, t: int):
+    """Round t (0-based) -> (new state, metrics row without evaluation)."""
+    config, fl = self.config, self.config.fl
+    tick = time.time()
+    clients = federated.sample_clients(config.seed, t, fl.num_clients, fl.clients_per_round)
+    lr = federated.client_lr_at(t, fl.rounds, fl.client_lr, fl.lr_schedule,
+                                fl.lr_final_fraction)
+    hparams = federated.make_hparams(lr, config.method.zeta, config.method.keep_ratio)
+    state, m = self.round(state, self.setup.frozen, self.setup.data, clients, self.root_key,
+                          hparams)
+    loss = float(m.train_loss)
+    orth = np.asarray(m.orth_residual)
+    row = {"round": t + 1, "train_loss": loss, "client_lr": lr,
+           "uplink_bits": int(np.sum(np.asarray(m.client_bits, np.int64))),
+           "keep_ratio": config.method.keep_ratio, "dropped_energy": float(m.dropped_energy),
+           "cov_term": float(m.cov_term), "orth_residual_B": float(orth[0]),
+           "orth_residual_A": float(orth[1]), "round_time_s": time.time() - tick}
+    return state, row
+
+  def evaluate(self, state: federated.ServerState) -> dict[str, float]:
+    tick = time.time()
+    correct, count = self.eval(self.setup.frozen, state.trainable, *self.setup.test)
+    return {"test_accuracy": float(correct) / float(count), "eval_time_s": time.time() - tick}
+
+
+def _host_record(config: ml_collections.ConfigDict, cum_bits: int) -> dict[str, Any]:
+  return {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -175,71 +230,45 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       written (tests use it to interrupt a run at a known point).
 
   Returns:
-    A summary dict: final_accuracy, rounds, cum_uplink_bits, wall_time_s, round_traces, rows.
+    A summary dict: final_accuracy, rounds, cum_uplink_bits, wall_time_s, round_traces, rows,
+    lora_template (shapes of the LoRA tree).
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
   start = time.time()
   setup = build_setup(config)
-  fl = config.fl
-  traces = collections.Counter()
-  round_fn = federated.make_round(setup.apply_fn, optimizer=fl.client_optimizer,
-                                  local_steps=fl.local_steps, batch_size=fl.batch_size,
-                                  client_parallelism=fl.client_parallelism,
-                                  sparsifier=setup.sparsifier, penalty=config.method.penalty,
-                                  value_bits=fl.value_bits, head_params=setup.head_params)
-
-  def counted_round(*args):
-    traces["round"] += 1  # runs once per trace, not per call: the recompile guard
-    return round_fn(*args)
-
-  round_jit = jax.jit(counted_round, donate_argnums=0)
-  eval_jit = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
-  hparams = federated.make_hparams(fl.client_lr, config.method.zeta, config.method.keep_ratio)
-  root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-
+  runner = RoundRunner(config, setup)
   # Shapes only: the state's buffers are donated to the first round.
   lora_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                setup.init_state.trainable.lora)
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                        every=config.checkpoint.every, keep=config.checkpoint.keep)
-  state, host, done = restore_or_init(ckpt, config, setup.init_state)
+  try:
+    state, host, done = restore_or_init(ckpt, config, setup.init_state)
+  except Exception:
+    ckpt.close()
+    raise
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
   cum_bits = int(host["cum_uplink_bits"])
-  loop_start, accuracy = time.time(), None
+  rounds, loop_start = config.fl.rounds, time.time()
   try:
-    for t in range(done, fl.rounds):
-      tick = time.time()
-      clients = federated.sample_clients(config.seed, t, fl.num_clients, fl.clients_per_round)
-      state, round_metrics = round_jit(state, setup.frozen, setup.data, clients, root_key,
-                                       hparams)
-      loss = float(round_metrics.train_loss)
-      if not np.isfinite(loss):
+    for t in range(done, rounds):
+      state, row = runner.run_round(state, t)
+      if not np.isfinite(row["train_loss"]):
         raise NonFiniteLossError(
-            f"round {t + 1}: training loss is {loss}; the last good checkpoint in "
-            f"{ckpt.directory} is kept. Lower fl.client_lr (now {fl.client_lr}).")
-      bits = int(np.sum(np.asarray(round_metrics.client_bits, np.int64)))
-      cum_bits += bits
-      orth = np.asarray(round_metrics.orth_residual)
-      row = {"round": t + 1, "train_loss": loss, "uplink_bits": bits,
-             "cum_uplink_bits": cum_bits, "keep_ratio": config.method.keep_ratio,
-             "dropped_energy": float(round_metrics.dropped_energy),
-             "cov_term": float(round_metrics.cov_term), "orth_residual_B": float(orth[0]),
-             "orth_residual_A": float(orth[1]), "round_time_s": time.time() - tick}
-      if (t + 1) % config.eval.every == 0 or t + 1 == fl.rounds:
-        tick = time.time()
-        correct, count = eval_jit(setup.frozen, state.trainable, *setup.test)
-        accuracy = float(correct) / float(count)
-        row.update(test_accuracy=accuracy, eval_time_s=time.time() - tick)
+            f"round {t + 1}: training loss is {row['train_loss']}; the last good checkpoint in "
+            f"{ckpt.directory} is kept. Lower fl.client_lr (now {config.fl.client_lr}).")
+      cum_bits += row["uplink_bits"]
+      row["cum_uplink_bits"] = cum_bits
+      if (t + 1) % config.eval.every == 0 or t + 1 == rounds:
+        row.update(runner.evaluate(state))
       writer.write(row)
       rate = (t + 1 - done) / max(time.time() - loop_start, 1e-9)
-      print(metrics_lib.progress_line(row, fl.rounds, rate), flush=True)
-      if ckpt.should_save(t + 1, fl.rounds):
-        ckpt.save(t + 1, _state_to_tree(state),
-                  {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits})
+      print(metrics_lib.progress_line(row, rounds, rate), flush=True)
+      if ckpt.should_save(t + 1, rounds):
+        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits))
       if on_round_end is not None:
         on_round_end(t + 1)
   finally:
@@ -248,9 +277,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   rows = writer.rows
   evaluated = [r for r in rows if "test_accuracy" in r]
-  summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else accuracy,
-             "rounds": fl.rounds, "cum_uplink_bits": cum_bits,
-             "wall_time_s": time.time() - start, "round_traces": traces["round"], "rows": rows,
+  summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+             "rounds": rounds, "cum_uplink_bits": cum_bits,
+             "wall_time_s": time.time() - start, "round_traces": runner.traces, "rows": rows,
              "lora_template": lora_template}
   print(metrics_lib.summary_table(rows), flush=True)
   print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "

@@ -90,6 +90,20 @@ def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> np.
   return np.sort(rng.choice(num_clients, size=k, replace=False)).astype(np.int32)
 
 
+def client_lr_at(round_index: int, rounds: int, peak: float, schedule: str,
+                 final_fraction: float) -> float:
+  """The client learning rate of round `round_index` (0-based), computed on the host.
+
+  cosine: peak * (f + (1 - f) * (1 + cos(pi * t / (T - 1))) / 2), from peak at the first round
+  to f * peak at the last. Under non-IID data, late rounds with small steps stop the global
+  model from swinging toward whichever clients were sampled last.
+  """
+  if schedule == "constant" or rounds <= 1:
+    return peak
+  progress = round_index / (rounds - 1)
+  return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
 def make_client_optimizer(name: str, learning_rate: jax.Array) -> optax.GradientTransformation:
   """The local optimizer; built inside the trace so the learning rate can be a traced array."""
   if name == "sgd":

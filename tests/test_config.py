@@ -61,8 +61,17 @@ RULES = [
     ("fl.batch_size", 0, "integer >= 1"),
     ("fl.client_optimizer", "lbfgs", "sgd, momentum, adam"),
     ("fl.client_lr", 0.0, "> 0"),
+    ("fl.lr_schedule", "step", "constant, cosine"),
+    ("fl.lr_final_fraction", 1.5, "[0, 1]"),
     ("fl.client_parallelism", 4, "at most fl.clients_per_round"),
     ("fl.value_bits", 8, "(16, 32)"),
+    ("method.name", "fedprox", "dense, soft, tlora, rlora, slora"),
+    ("method.keep_ratio", 0.0, "(0, 1]"),
+    ("method.zeta", -0.1, ">= 0"),
+    ("method.penalty", "l1", "offdiag, identity"),
+    ("method.selection", "random", "per_layer, global"),
+    ("method.score", "svd", "factors, update"),
+    ("method.aggregation", "median", "all, senders"),
     ("eval.every", 0, "integer >= 1"),
     ("eval.num_examples", -1, "0 = whole test split"),
     ("eval.batch_size", 0, "integer >= 1"),
@@ -88,6 +97,19 @@ def test_pretrain_backbone_needs_held_out_images():
   with pytest.raises(config_lib.ConfigError, match="data.pretrain_fraction"):
     config_lib.validate(config)
   config.model.backbone = "random"
+  config_lib.validate(config)
+
+
+def test_method_combinations():
+  config = make_testing_config()
+  config.method.keep_ratio = 0.5
+  with pytest.raises(config_lib.ConfigError, match="method.keep_ratio.*dense"):
+    config_lib.validate(config)
+  config.method.name = "slora"
+  config.method.aggregation = "senders"
+  with pytest.raises(config_lib.ConfigError, match="method.aggregation.*slora"):
+    config_lib.validate(config)
+  config.method.aggregation = "all"
   config_lib.validate(config)
 
 

@@ -199,3 +199,10 @@ def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
   assert by[("slora", 8)]["client_compress_time_s"] > by[("soft", 8)]["client_compress_time_s"]
   assert os.path.getsize(os.path.join(out, "e1_accuracy.png")) > 10_000
   assert "| soft | 8 | 0.50 |" in open(os.path.join(out, "e1.md")).read()
+
+
+def test_extending_a_cosine_schedule_is_refused(cache_dir, tmp_path):
+  workdir = str(tmp_path / "cos")
+  experiment.run(make_config(cache_dir, rounds=2, **{"fl.lr_schedule": "cosine"}), workdir)
+  with pytest.raises(checkpointing.CheckpointError, match="lr_schedule"):
+    experiment.run(make_config(cache_dir, rounds=3, **{"fl.lr_schedule": "cosine"}), workdir)

@@ -181,3 +181,13 @@ def test_eval_counts_only_unpadded_examples():
   logits = apply_fn(frozen, state.trainable, batching.preprocess(jnp.asarray(images)))
   want = int(((np.argmax(logits, -1) == labels) * mask).sum())
   assert int(count) == 5 and int(correct) == want
+
+
+def test_client_lr_schedule_by_hand():
+  assert federated.client_lr_at(7, 10, 0.1, "constant", 0.1) == 0.1
+  assert federated.client_lr_at(0, 11, 0.1, "cosine", 0.2) == pytest.approx(0.1)
+  assert federated.client_lr_at(10, 11, 0.1, "cosine", 0.2) == pytest.approx(0.02)
+  # Halfway the cosine term is 1/2: 0.1 * (0.2 + 0.8 * 0.5).
+  assert federated.client_lr_at(5, 11, 0.1, "cosine", 0.2) == pytest.approx(0.06)
+  lrs = [federated.client_lr_at(t, 11, 0.1, "cosine", 0.2) for t in range(11)]
+  assert all(a >= b for a, b in zip(lrs, lrs[1:]))
