@@ -197,11 +197,11 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty)
+  method = sparsifier or sparsifiers.make_sparsifier("dense")
 
   def round_fn(state: ServerState, frozen: PyTree, data: FederatedData,
                client_ids: jax.Array, root_key: jax.Array, hparams: RoundHparams):
     chex.assert_rank(client_ids, 1)
-    method = sparsifier or sparsifiers.make_sparsifier("dense")
     glob = state.trainable
     round_key = jax.random.fold_in(root_key, state.round)
     # Keys follow the client id, not its slot in S_t, so a client's data order does not

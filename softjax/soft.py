@@ -40,7 +40,7 @@ _COUNT_REL_TOL = 8.0 * float(np.finfo(np.float32).eps)
 # Tree helpers
 # ----------------------------------------------------------------------------------------------
 
-def _factor_pairs(lora_tree: PyTree) -> tuple[list[Mapping[str, jax.Array]], Any]:
+def factor_pairs(lora_tree: PyTree) -> tuple[list[Mapping[str, jax.Array]], Any]:
   """The `{"A", "B"}` dicts of a LoRA tree in `jax.tree` order, and the treedef above them."""
   pairs, treedef = jax.tree.flatten(lora_tree, is_leaf=lora_lib.is_factor_pair)
   bad = [type(p).__name__ for p in pairs if not lora_lib.is_factor_pair(p)]
@@ -130,7 +130,7 @@ def orthogonality_penalty(lora_tree: PyTree, kind: str = "offdiag") -> jax.Array
   """
   if kind not in PENALTY_KINDS:
     raise ValueError(f"Unknown penalty kind {kind!r}; expected one of {PENALTY_KINDS}.")
-  pairs, _ = _factor_pairs(lora_tree)
+  pairs, _ = factor_pairs(lora_tree)
   total = jnp.zeros((), jnp.float32)
   for pair in pairs:
     total = total + layer_penalty(pair["B"], pair["A"], kind)
@@ -368,9 +368,9 @@ def soft_compress(global_lora: PyTree, local_lora: PyTree, residual_lora: PyTree
   """
   if selection not in SELECTIONS:
     raise ValueError(f"Unknown selection {selection!r}; expected one of {SELECTIONS}.")
-  g_pairs, treedef = _factor_pairs(global_lora)
-  l_pairs, l_def = _factor_pairs(local_lora)
-  e_pairs, e_def = _factor_pairs(residual_lora)
+  g_pairs, treedef = factor_pairs(global_lora)
+  l_pairs, l_def = factor_pairs(local_lora)
+  e_pairs, e_def = factor_pairs(residual_lora)
   if l_def != treedef or e_def != treedef:
     raise ValueError("global, local and residual LoRA trees must have the same structure.")
 
@@ -452,7 +452,7 @@ def covariance_terms(stacked_lora: PyTree, p: jax.Array) -> jax.Array:
 
   References: ALGORITHM.md section 3.
   """
-  pairs, _ = _factor_pairs(stacked_lora)
+  pairs, _ = factor_pairs(stacked_lora)
   return jnp.stack([covariance_term(q["B"], q["A"], p) for q in pairs]) if pairs else (
       jnp.zeros((0,), jnp.float32))
 
@@ -486,7 +486,7 @@ def orthogonality_residuals(lora_tree: PyTree) -> tuple[jax.Array, jax.Array]:
 
   References: ALGORITHM.md section 3.
   """
-  pairs, _ = _factor_pairs(lora_tree)
+  pairs, _ = factor_pairs(lora_tree)
   if not pairs:
     return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
   rs = [orthogonality_residual(q["B"], q["A"]) for q in pairs]

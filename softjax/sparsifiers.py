@@ -71,11 +71,6 @@ def _aggregate_factors(senders_only: bool):
   return aggregate
 
 
-def _layers(tree):
-  pairs, treedef = jax.tree.flatten(tree, is_leaf=lora_lib.is_factor_pair)
-  return pairs, treedef
-
-
 def _int(x) -> jax.Array:
   return jnp.asarray(x, jnp.int32)
 
@@ -106,7 +101,7 @@ def _soft(selection: str, score: str, senders_only: bool, error_feedback: bool) 
                  for mask, (_, d_in, d_out) in zip(masks, dims))
     index = sum(payload.index_bits_per_layer(mask.shape[0], _int(jnp.sum(mask)))
                 for mask in masks)
-    pairs, treedef = _layers(sent)
+    pairs, treedef = soft.factor_pairs(sent)
     support = jax.tree.unflatten(treedef, [
         {"A": jnp.broadcast_to(mask[:, None], p["A"].shape),
          "B": jnp.broadcast_to(mask[None, :], p["B"].shape)} for p, mask in zip(pairs, masks)])
@@ -158,7 +153,7 @@ def _slora() -> Sparsifier:
 
   def compress(global_lora, local_lora, residual, keep_ratio, key):
     del residual, key
-    pairs, treedef = _layers(local_lora)
+    pairs, treedef = soft.factor_pairs(local_lora)
     sent, values, dropped = [], 0, jnp.zeros((), jnp.float32)
     for p in pairs:
       m = soft.kept_count(keep_ratio, p["A"].shape[0])
@@ -177,7 +172,7 @@ def _slora() -> Sparsifier:
     mean = weighted_sum(sent, weights)
     layers, treedef = jax.tree.flatten(mean, is_leaf=lambda n: isinstance(n, dict) and "P" in n)
     factors = []
-    for layer, old in zip(layers, _layers(global_lora)[0]):
+    for layer, old in zip(layers, soft.factor_pairs(global_lora)[0]):
       B, A = compressors.refactorize(layer["P"], old["A"].shape[0])
       factors.append({"A": A, "B": B})
     return jax.tree.unflatten(treedef, factors)
