@@ -33,7 +33,7 @@ def get_config(arg=None):
     raise config_lib.ConfigError("<arg>.scale", args.scale, "must be one of cpu, paper, test")
   config.unlock()
   config.lora.rank = args.rank
-  config.lora.alpha = float(args.rank)  # scale alpha / r = 1 at every rank
+  config.lora.alpha = 4.0 * args.rank  # the same adapter scale alpha / r = 4 at every rank
   config.method.name = args.method
   config.method.keep_ratio = 1.0 if args.method == "dense" else args.keep_ratio
   config.method.zeta = args.zeta if args.method == "soft" else 0.0
