@@ -37,7 +37,7 @@ from softjax import wireless
 # 1 kHz is far below any share the optimum gives (20 MHz over 100 clients is 200 kHz each).
 DEFAULT_B_MIN_HZ = 1e3
 
-SOLVERS = ("cvx", "numpy")
+SOLVERS = ("cvx", "numpy")  # values of solve_with_fallback(primary=...): where the chain starts
 _LN2 = math.log(2.0)
 _MEGA = 1e6
 
@@ -702,12 +702,12 @@ def _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, comp
   bandwidth = np.full(k, total_bw_hz / k)
   try:
     bits = np.broadcast_to(np.asarray(bits_fn(m), np.float64), (k,))
-    tau = wireless.round_latency_s(bits, bandwidth, snr_coeff, compute_s)
+    tau, bandwidth = equal_split_latency(bits, snr_coeff, compute_s, total_bw_hz)
   except Exception as e:  # e.g. bits_fn itself failing: report the round as unbounded
     errors.append(f"equal: {type(e).__name__}: {e}")
     tau = math.inf
   try:
-    objective = float(V * phi_fn(m) + Q * tau / tbar_s)
+    objective = float(V * phi_fn(m) + (Q * tau / tbar_s if Q else 0.0))  # no 0 * inf = nan
   except Exception:  # the objective is only reported; inf marks it unknown
     objective = math.inf
   logging.warning("TSFA used the equal-bandwidth fallback with m = %d (tau %.4g s)", m, tau)

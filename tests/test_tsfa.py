@@ -15,14 +15,18 @@ from softjax import wireless
 CFG = wireless.ChannelConfig()
 
 
-def _instance(k, seed, deep_fades=0, cfg=CFG):
-  """Random round: K clients of a placed population, Rayleigh fading, a few deep fades."""
+def _instance(k, seed, deep_fades=0, idle=0, cfg=CFG):
+  """Random round: K clients of a placed population, Rayleigh fading, a few deep fades (g =
+  1e-3) and `idle` clients with nothing to send."""
   rng = np.random.default_rng(seed)
   beta = wireless.large_scale_gain(wireless.place_clients(k, cfg, seed), cfg, seed)
   g = rng.exponential(size=k)
   g[rng.choice(k, deep_fades, replace=False)] = 1e-3
   a = wireless.snr_coefficient_hz(beta, g, cfg)
   bits = rng.uniform(0.5, 1.5, k) * 9.4e6  # around a ViT-B/16 rank-8 q,v upload
+  if idle:
+    bits = rng.uniform(0.05, 20.0, k) * 1e6  # and a wider spread of payloads
+    bits[rng.choice(k, idle, replace=False)] = 0.0
   compute = rng.uniform(0.1, 2.0, k)
   return bits, a, compute
 
@@ -147,6 +151,9 @@ def test_twin_by_hand_and_all_clients_finish_together():
   assert b.sum() <= CFG.bandwidth_hz * (1 + 1e-12)
   with pytest.raises(tsfa.SolverFailure):
     tsfa.min_latency_numpy([1e6, 1e6], [1e6, 0.0], [0.0, 0.0], 2e6)  # no gain, bits to send
+  # One client takes the whole band; nobody sending leaves only the compute time.
+  assert tsfa.min_latency_numpy([4e6], [3e6], [0.5], 1e6)[0] == pytest.approx(2.5)
+  assert tsfa.min_latency_numpy([0.0, 0.0], [3e6, 1.0], [0.5, 0.7], 1e6)[0] == 0.7
 
 
 def test_cvx_problem_is_dpp():
@@ -157,8 +164,8 @@ def test_cvx_problem_is_dpp():
 @pytest.mark.parametrize("k", [10, 100])
 def test_cvx_and_twin_agree(k):
   problem = tsfa.MinLatencyProblem(k, CFG.bandwidth_hz)
-  for seed, deep in [(0, 0), (1, 1), (2, 3)]:
-    bits, a, c = _instance(k, seed + 10 * k, deep_fades=deep)
+  for seed, deep, idle in [(0, 0, 0), (1, 1, 0), (2, 3, 0), (3, 2, 2)]:
+    bits, a, c = _instance(k, seed + 10 * k, deep_fades=deep, idle=idle)
     tau_cvx, b_cvx = problem.solve(bits, a, c)
     tau_np, b_np = tsfa.min_latency_numpy(bits, a, c, CFG.bandwidth_hz)
     assert tau_cvx == pytest.approx(tau_np, rel=1e-3)
