@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works on machines and CI runs without a display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -31,6 +32,7 @@ def accuracy_curves(records: Sequence[dict[str, Any]], path: str, title: str = "
   by_round.set_ylabel("test accuracy")
   by_bits.set_xlabel("cumulative uplink (MB)")
   by_bits.set_xscale("log")
+  by_bits.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
   by_bits.legend(fontsize=7, ncol=2)
   for ax in (by_round, by_bits):
     ax.grid(alpha=0.3)
