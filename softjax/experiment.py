@@ -39,13 +39,11 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class FederatedSetup:
   """Everything a run needs that does not change between rounds."""
-  model: vit.VisionTransformer
   apply_fn: Callable
   frozen: Any  # backbone params without the head, device-resident
   init_state: federated.ServerState
   data: federated.FederatedData
   test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
-  client_sizes: np.ndarray  # [N]
   sparsifier: sparsifiers.Sparsifier
   head_params: int
 
@@ -122,10 +120,10 @@ def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
   sparsifier = make_sparsifier(config.method)
   state = federated.init_state(lora, head, config.fl.num_clients, sparsifier.error_feedback)
   return FederatedSetup(
-      model=model, apply_fn=make_apply_fn(model), frozen=jax.device_put(frozen),
+      apply_fn=make_apply_fn(model), frozen=jax.device_put(frozen),
       init_state=jax.device_put(state), data=data,
       test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
-      client_sizes=table.counts, sparsifier=sparsifier, head_params=head_params)
+      sparsifier=sparsifier, head_params=head_params)
 
 
 def make_sparsifier(method: ml_collections.ConfigDict) -> sparsifiers.Sparsifier:
