@@ -197,7 +197,7 @@ def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
   # O = 0.5 sends fewer bits than dense. Compression times are recorded, never compared here:
   # speed belongs to the benchmarks (at test scale the two are within noise of each other).
   assert by[("soft", 8)]["cum_uplink_bits"] < by[("dense", 8)]["cum_uplink_bits"]
-  assert all(r["client_compress_time_s"] > 0 for r in records)
+  assert all(r["client_compress_time_s"] > 0 for r in records if r["method"] != "dense")
   assert os.path.getsize(os.path.join(out, "e1_accuracy.png")) > 10_000
   assert "| soft | 8 | 0.50 |" in open(os.path.join(out, "e1.md")).read()
 
