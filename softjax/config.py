@@ -92,6 +92,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.client_parallelism = 1  # lax.map batch size: 1 = sequential in-graph (CPU), K = full vmap
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
 
+  # The simulated uplink (ALGORITHM.md 4). Every run simulates it and reports its latency; only the
+  # osfa / tsfa controllers act on it.
+  c.wireless = ml_collections.ConfigDict()
+  c.wireless.radius_m = 500.0  # clients uniform in the annulus [min_distance_m, radius_m]
+  c.wireless.min_distance_m = 50.0
+  c.wireless.tx_power_dbm = 23.0  # p
+  c.wireless.noise_psd_dbm_hz = -174.0  # N0
+  c.wireless.bandwidth_mhz = 20.0  # B_tot, shared by FDMA
+  c.wireless.shadowing_db = 0.0  # log-normal shadowing sigma; 0 = off
+  # Client compute speed f_k, uniform in [min, max] GFLOP/s, drawn once per client [choice]. At the
+  # CPU scale (0.26 GFLOP per training example) 500-1500 makes local compute and a dense upload
+  # take comparable time, so the uplink matters; see docs/algorithm.md.
+  c.wireless.device_gflops_min = 500.0
+  c.wireless.device_gflops_max = 1500.0
+  c.wireless.budget_s = 0.0  # Tbar in seconds; 0 = budget_fraction x the dense reference latency
+  c.wireless.budget_fraction = 0.5  # Tbar / (dense upload latency, mean channel, equal split)
+  c.wireless.budget_reference = "expected_max"  # expected_max (over sampled sets) | worst client
+  c.wireless.reference_rank = 0  # rank of the dense upload the fraction refers to; 0 = lora.rank
+
+  # Who sets the keep ratio and the bandwidth split each round (ALGORITHM.md 5-7).
+  c.controller = ml_collections.ConfigDict()
+  c.controller.name = "fixed"  # fixed (O = method.keep_ratio, equal split) | osfa | tsfa
+  c.controller.V = 1.0  # Lyapunov weight of the sparsification error Phi in P3
+  c.controller.solver = "cvx"  # cvx (CVXPY + Clarabel, DPP) | numpy (the exact twin)
+  c.controller.rank_candidates = "1,2,4,8,16,32,64"  # tsfa: ranks the offline stage compares
+  c.controller.spectrum = "power_law"  # tsfa: power_law | pilot (full-weight pilot gradient)
+  c.controller.gamma = 1.0  # power law sigma_i^2 ~ i^-gamma
+  c.controller.lambda_sp = 1.0  # J(r) weight of the sparsification error
+  c.controller.lambda_cov = 0.1  # J(r) weight of the covariance cost
+  c.controller.quantile = 0.5  # client quantile at which mbar is evaluated
+  c.controller.pilot_batches = 4  # spectrum=pilot: client batches in the pilot gradient
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # evaluate every n rounds and always after the last
   c.eval.num_examples = 0  # test examples used; 0 = the whole test split
@@ -206,6 +238,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(fl.value_bits in PAYLOAD_VALUE_BITS, "fl.value_bits", fl.value_bits,
          f"must be one of {PAYLOAD_VALUE_BITS}")
 
+  _validate_wireless(config.wireless)
+  _validate_controller(config)
+
   _check_int("eval.every", config.eval.every, 1)
   _check_int("eval.num_examples", config.eval.num_examples, 0, what=" (0 = whole test split)")
   _check_int("eval.batch_size", config.eval.batch_size, 1)
@@ -230,6 +265,68 @@ def _validate_method(method: ml_collections.ConfigDict) -> None:
   _check_choice("method.aggregation", method.aggregation, sparsifiers.AGGREGATIONS)
   _check(method.name != "slora" or method.aggregation == "all", "method.aggregation",
          method.aggregation, "must be 'all' with method.name = 'slora' (it averages products)")
+
+
+def _validate_wireless(w: ml_collections.ConfigDict) -> None:
+  from softjax import wireless
+
+  _check_positive("wireless.radius_m", w.radius_m)
+  _check_positive("wireless.min_distance_m", w.min_distance_m)
+  _check(w.min_distance_m < w.radius_m, "wireless.min_distance_m", w.min_distance_m,
+         f"must be below wireless.radius_m ({w.radius_m})")
+  _check_positive("wireless.bandwidth_mhz", w.bandwidth_mhz)
+  _check(isinstance(w.shadowing_db, (int, float)) and w.shadowing_db >= 0,
+         "wireless.shadowing_db", w.shadowing_db, "must be >= 0 (0 = off)")
+  _check_positive("wireless.device_gflops_min", w.device_gflops_min)
+  _check(isinstance(w.device_gflops_max, (int, float)) and
+         w.device_gflops_max >= w.device_gflops_min, "wireless.device_gflops_max",
+         w.device_gflops_max, f"must be >= wireless.device_gflops_min ({w.device_gflops_min})")
+  _check(isinstance(w.budget_s, (int, float)) and w.budget_s >= 0, "wireless.budget_s",
+         w.budget_s, "must be >= 0 (0 = use wireless.budget_fraction)")
+  _check_positive("wireless.budget_fraction", w.budget_fraction)
+  _check_choice("wireless.budget_reference", w.budget_reference,
+                wireless.DENSE_BUDGET_REFERENCES)
+  _check_int("wireless.reference_rank", w.reference_rank, 0, what=" (0 = lora.rank)")
+
+
+CONTROLLERS = ("fixed", "osfa", "tsfa")
+SPECTRA = ("power_law", "pilot")
+
+
+def rank_candidates(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The ranks the TSFA offline stage compares, parsed from controller.rank_candidates."""
+  try:
+    ranks = tuple(sorted({int(r) for r in str(config.controller.rank_candidates).split(",")
+                          if r.strip()}))
+  except ValueError:
+    ranks = ()
+  _check(bool(ranks) and ranks[0] >= 1, "controller.rank_candidates",
+         config.controller.rank_candidates, "must be a comma list of ranks >= 1, e.g. '1,2,4,8'")
+  return ranks
+
+
+def _validate_controller(config: ml_collections.ConfigDict) -> None:
+  from softjax import tsfa
+
+  c = config.controller
+  _check_choice("controller.name", c.name, CONTROLLERS)
+  _check(isinstance(c.V, (int, float)) and c.V >= 0, "controller.V", c.V, "must be >= 0")
+  _check_choice("controller.solver", c.solver, tsfa.SOLVERS)
+  rank_candidates(config)
+  _check_choice("controller.spectrum", c.spectrum, SPECTRA)
+  _check(isinstance(c.gamma, (int, float)) and c.gamma > 0, "controller.gamma", c.gamma,
+         "must be > 0")
+  for name in ("lambda_sp", "lambda_cov"):
+    _check(isinstance(c[name], (int, float)) and c[name] >= 0, f"controller.{name}", c[name],
+           "must be >= 0")
+  _check(isinstance(c.quantile, (int, float)) and 0 <= c.quantile <= 1, "controller.quantile",
+         c.quantile, "must be in [0, 1]")
+  _check_int("controller.pilot_batches", c.pilot_batches, 1)
+  if c.name != "fixed":
+    _check(config.method.name != "dense", "controller.name", c.name,
+           "must be 'fixed' with method.name = 'dense' (a dense upload has nothing to choose)")
+    _check(bool(lora_targets(config)), "controller.name", c.name,
+           "needs LoRA targets to sparsify (lora.targets is empty); use 'fixed'")
 
 
 def validate_against_data(config: ml_collections.ConfigDict, *, num_classes: int,

@@ -1,14 +1,18 @@
 """The experiment: set up once on the host, then a thin loop around one jitted round.
 
   host, once:  data -> disjoint pretrain / federated split -> non-IID partition -> device arrays
-               backbone (cached pretraining or a ViT .npz) -> frozen params; LoRA init
-               orbax: restore the whole run state if the workdir has a checkpoint
-  each round:  host samples S_t -> device round_fn -> metrics row -> eval / checkpoint
+               backbone (cached pretraining or a ViT .npz) -> frozen params
+               wireless link (placement, devices) -> budget Tbar -> TSFA offline stage -> rank
+               LoRA init at that rank; the latency controller (controller.py)
+               orbax: restore the whole run state (and the virtual queue) from a checkpoint
+  each round:  host samples S_t -> controller: channel draw, (O_t, b_t) -> device round_fn
+               -> realized latency -> queue -> metrics row -> eval / checkpoint
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -21,9 +25,15 @@ import numpy as np
 from softjax import backbone as backbone_lib
 from softjax import checkpointing
 from softjax import config as config_lib
+from softjax import controller as controller_lib
 from softjax import federated
 from softjax import metrics as metrics_lib
+from softjax import payload
+from softjax import pilot
+from softjax import soft
 from softjax import sparsifiers
+from softjax import tsfa
+from softjax import wireless
 from softjax.data import partition as partition_lib
 from softjax.data import sources
 from softjax.models import lora as lora_lib
@@ -46,6 +56,18 @@ class FederatedSetup:
   test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
   sparsifier: sparsifiers.Sparsifier
   head_params: int
+  uplink: UplinkPlan
+  controller: controller_lib.LatencyController  # its queue is run state: run() restores it
+
+
+@dataclasses.dataclass(frozen=True)
+class UplinkPlan:
+  """What is fixed before round 0 about the uplink: Tbar, the rank, the offline stage's plan."""
+  link: controller_lib.Link
+  tbar_s: float
+  rank: int
+  offline: tsfa.OfflinePlan | None  # tsfa only
+  flops_per_example: float
 
 
 def make_apply_fn(model: vit.VisionTransformer) -> federated.ApplyFn:
@@ -96,34 +118,120 @@ def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int
   return jax.device_put((images, labels, mask))
 
 
+def _make_model(config, vit_config: vit.ViTConfig, rank: int) -> vit.VisionTransformer:
+  # A rank chosen by the offline stage keeps the config's adapter scale alpha / r.
+  alpha = config.lora.alpha * rank / config.lora.rank
+  return vit.VisionTransformer(vit_config, vit.LoRAConfig(
+      rank=rank, alpha=alpha, targets=config_lib.lora_targets(config)))
+
+
+def flops_per_example(vit_config: vit.ViTConfig, rank: int,
+                      layer_dims: list[tuple[int, int]]) -> float:
+  """Training FLOPs of one example of this run's model (wireless.flops_per_example)."""
+  c = vit_config
+  return wireless.flops_per_example(
+      seq_len=(c.image_size // c.patch_size) ** 2 + 1, width=c.width, depth=c.depth,
+      mlp_dim=c.mlp_dim, num_classes=c.num_classes, patch_dim=c.patch_size ** 2 * c.channels,
+      lora_rank=rank, lora_layer_dims=layer_dims)
+
+
+def plan_uplink(config: ml_collections.ConfigDict, vit_config: vit.ViTConfig,
+                layer_dims: list[tuple[int, int]], head_params: int,
+                pilot_spectrum=None) -> UplinkPlan:
+  """The link, the budget Tbar and, for tsfa, the offline stage (ALGORITHM.md 4, 5).
+
+  Args:
+    config: the run config.
+    vit_config: the model architecture.
+    layer_dims: (d_in, d_out) of every adapted matrix.
+    head_params: head values.
+    pilot_spectrum: a callable returning singular values (controller.spectrum = pilot).
+  """
+  link = controller_lib.make_link(config)
+  compute_at = lambda r: link.compute_s(  # noqa: E731
+      config.fl, flops_per_example(vit_config, r, layer_dims))
+  ref_rank = config.wireless.reference_rank or config.lora.rank
+  dense_bits = dense_upload_bits(layer_dims, ref_rank, config.fl.value_bits, head_params)
+  tbar = controller_lib.latency_budget_s(config.wireless, link, dense_bits, compute_at(ref_rank),
+                                         config.fl.clients_per_round)
+  rank, offline = config.lora.rank, None
+  if config.controller.name == "tsfa":
+    c = config.controller
+    singular_values = pilot_spectrum() if c.spectrum == "pilot" else None
+    rates = tsfa.approx_rate_bps(link.beta, link.channel, config.fl.clients_per_round)
+    offline = tsfa.plan_offline(
+        config_lib.rank_candidates(config), tbar_s=tbar, compute_s=compute_at, approx_rates_bps=rates,
+        layer_dims=layer_dims, head_params=head_params, value_bits=config.fl.value_bits,
+        quantile=c.quantile, gamma=c.gamma, lambda_sp=c.lambda_sp, lambda_cov=c.lambda_cov,
+        singular_values=singular_values)
+    rank = offline.rank
+    print(f"TSFA offline stage: Tbar {tbar:.4g} s, rank {rank} (J: "
+          + ", ".join(f"{r}: {j:.3f}" for r, j in offline.objective.items())
+          + f"), O_0 {offline.keep_ratio:.3f}", flush=True)
+  return UplinkPlan(link, tbar, rank, offline, flops_per_example(vit_config, rank, layer_dims))
+
+
+def dense_upload_bits(layer_dims, rank: int, value_bits: int, head_params: int) -> int:
+  """Bits of a dense upload at `rank` (ALGORITHM.md 2.5 with m = r)."""
+  return payload.lora_upload_bits(layer_dims, rank=rank, kept=rank, value_bits=value_bits,
+                                  head_params=head_params)
+
+
+def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_shapes,
+                    head_params: int) -> controller_lib.LatencyController:
+  """The per-round controller of this run, pricing uploads with the method's own accounting."""
+  bits_at = functools.partial(sparsifiers.predicted_upload_bits, config.method.name, lora_shapes,
+                              value_bits=config.fl.value_bits, head_params=head_params)
+  c = config.controller
+  return controller_lib.LatencyController(
+      c.name, plan.link, plan.link.compute_s(config.fl, plan.flops_per_example),
+      seed=config.seed, tbar_s=plan.tbar_s, rank=plan.rank, bits_at=bits_at, V=c.V,
+      solver=c.solver, fixed_keep_ratio=config.method.keep_ratio,
+      first_keep_ratio=plan.offline.keep_ratio if plan.offline else None,
+      clients_per_round=config.fl.clients_per_round)
+
+
 def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
   """Host-side preparation, run once per experiment."""
   dataset, pretrain_idx, federated_idx, clients = load_federated_data(config)
   native = dataset.train_images.shape[1:]
   side = config.data.image_size or native[0]
   image_shape = (side, side, native[2])
-  model = vit.VisionTransformer(
-      vit.make_vit_config(config.model.variant, image_size=side,
-                          channels=native[2], num_classes=dataset.num_classes),
-      vit.LoRAConfig(rank=config.lora.rank, alpha=config.lora.alpha,
-                     targets=config_lib.lora_targets(config)))
-  params = backbone_lib.load_backbone(config, model, dataset, pretrain_idx, image_shape)
+  vit_config = vit.make_vit_config(config.model.variant, image_size=side, channels=native[2],
+                                   num_classes=dataset.num_classes)
+  reference = _make_model(config, vit_config, config.lora.rank)
+  params = backbone_lib.load_backbone(config, reference, dataset, pretrain_idx, image_shape)
   frozen, head = lora_lib.split_head(params)
   lora_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  lora = lora_lib.init_lora(model, lora_key, image_shape)
   table = partition_lib.pad_client_indices(clients)
   data = federated.FederatedData(
       images=jax.device_put(dataset.train_images[federated_idx]),
       labels=jax.device_put(dataset.train_labels[federated_idx].astype(np.int32)),
       table=jax.device_put(table.indices), counts=jax.device_put(table.counts))
   head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
+  frozen = jax.device_put(frozen)
+
+  def pilot_spectrum():
+    lora = lora_lib.init_lora(reference, lora_key, image_shape)
+    images, labels = pilot.pilot_batch(data, config.controller.pilot_batches,
+                                       config.fl.batch_size)
+    grads = pilot.kernel_gradients(make_apply_fn(reference), frozen,
+                                   federated.Trainable(lora, head), images, labels)
+    return pilot.pooled_singular_values(grads)
+
+  ref_shapes = jax.eval_shape(lambda: lora_lib.init_lora(reference, lora_key, image_shape))
+  layer_dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(ref_shapes)]
+  uplink = plan_uplink(config, vit_config, layer_dims, head_params, pilot_spectrum)
+  model = _make_model(config, vit_config, uplink.rank)
+  lora = lora_lib.init_lora(model, lora_key, image_shape)
   sparsifier = make_sparsifier(config.method)
   state = federated.init_state(lora, head, config.fl.num_clients, sparsifier.error_feedback)
   return FederatedSetup(
-      apply_fn=make_apply_fn(model), frozen=jax.device_put(frozen),
+      apply_fn=make_apply_fn(model), frozen=frozen,
       init_state=jax.device_put(state), data=data,
       test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
-      sparsifier=sparsifier, head_params=head_params)
+      sparsifier=sparsifier, head_params=head_params, uplink=uplink,
+      controller=make_controller(config, uplink, lora, head_params))
 
 
 def make_sparsifier(method: ml_collections.ConfigDict) -> sparsifiers.Sparsifier:
@@ -184,25 +292,42 @@ class RoundRunner:
 
     self.round = jax.jit(counted_round, donate_argnums=0)
     self.eval = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
+    self.scores = jax.jit(lambda lora: [soft.component_scores(p["B"], p["A"])
+                                        for p in soft.factor_pairs(lora)[0]])
     self.root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
     self.setup = setup
     self.config = config
 
   def run_round(self, state: federated.ServerState, t: int):
-    """Round t (0-based) -> (new state, metrics row without evaluation)."""
+    """Round t (0-based) -> (new state, metrics row without evaluation).
+
+    The controller decides (O_t, b_t) from the channel of round t and the global factors'
+    scores, the jitted round trains, uploads and reports each client's latency, and the
+    realized round latency (the slowest client) feeds the virtual queue.
+    """
     config, fl = self.config, self.config.fl
+    controller = self.setup.controller
     tick = time.time()
     clients = federated.sample_clients(config.seed, t, fl.num_clients, fl.clients_per_round)
+    scores = None
+    if controller.mode != "fixed":
+      scores = [np.asarray(s) for s in self.scores(state.trainable.lora)]
+    plan = controller.plan(t, clients, scores)
     lr = federated.client_lr_at(t, fl.rounds, fl.client_lr, fl.lr_schedule,
                                 fl.lr_final_fraction)
-    hparams = federated.make_hparams(lr, config.method.zeta, config.method.keep_ratio)
+    hparams = federated.make_hparams(lr, config.method.zeta, plan.keep_ratio, plan.uplink)
     state, m = self.round(state, self.setup.frozen, self.setup.data, clients, self.root_key,
                           hparams)
     loss = float(m.train_loss)
+    latency = float(np.max(np.asarray(m.client_latency_s)))
     orth = np.asarray(m.orth_residual)
     row = {"round": t + 1, "train_loss": loss, "client_lr": lr,
            "uplink_bits": int(np.sum(np.asarray(m.client_bits, np.int64))),
-           "keep_ratio": config.method.keep_ratio, "dropped_energy": float(m.dropped_energy),
+           "keep_ratio": plan.keep_ratio, "kept_components": plan.m,
+           "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s,
+           "queue": controller.observe(latency), "solver": plan.solver,
+           "solver_time_s": plan.solver_time_s, "fallbacks": plan.fallbacks,
+           "dropped_energy": float(m.dropped_energy),
            "cov_term": float(m.cov_term), "orth_residual_B": float(orth[0]),
            "orth_residual_A": float(orth[1]), "round_time_s": time.time() - tick}
     return state, row
@@ -213,8 +338,10 @@ class RoundRunner:
     return {"test_accuracy": float(correct) / float(count), "eval_time_s": time.time() - tick}
 
 
-def _host_record(config: ml_collections.ConfigDict, cum_bits: int) -> dict[str, Any]:
-  return {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits}
+def _host_record(config: ml_collections.ConfigDict, cum_bits: int,
+                 controller: controller_lib.LatencyController) -> dict[str, Any]:
+  return {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits,
+          "controller": controller.state_dict()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -229,7 +356,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     A summary dict: final_accuracy, rounds, cum_uplink_bits, wall_time_s, round_traces, rows,
-    lora_template (shapes of the LoRA tree).
+    lora_template (shapes of the LoRA tree), rank (the offline stage's under tsfa),
+    latency_budget_s (Tbar), offline (the tsfa plan or None), mean_latency_s, max_queue.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -250,6 +378,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
   cum_bits = int(host["cum_uplink_bits"])
+  if "controller" in host:
+    setup.controller.load_state_dict(host["controller"])
   rounds, loop_start = config.fl.rounds, time.time()
   try:
     for t in range(done, rounds):
@@ -266,7 +396,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       rate = (t + 1 - done) / max(time.time() - loop_start, 1e-9)
       print(metrics_lib.progress_line(row, rounds, rate), flush=True)
       if ckpt.should_save(t + 1, rounds):
-        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits))
+        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits, setup.controller))
       if on_round_end is not None:
         on_round_end(t + 1)
   finally:
@@ -278,7 +408,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
              "rounds": rounds, "cum_uplink_bits": cum_bits,
              "wall_time_s": time.time() - start, "round_traces": runner.traces, "rows": rows,
-             "lora_template": lora_template}
+             "lora_template": lora_template, "rank": setup.uplink.rank,
+             "latency_budget_s": setup.uplink.tbar_s,
+             "offline": dataclasses.asdict(setup.uplink.offline) if setup.uplink.offline else None,
+             "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if rows else None,
+             "max_queue": max((r["queue"] for r in rows), default=None)}
   print(metrics_lib.summary_table(rows), flush=True)
   print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "
         f"{cum_bits / 8e6:.2f} MB | wall time {summary['wall_time_s']:.1f} s", flush=True)

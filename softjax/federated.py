@@ -24,6 +24,7 @@ import optax
 
 from softjax import soft
 from softjax import sparsifiers
+from softjax import wireless
 from softjax.data import batching
 
 PyTree = Any
@@ -54,22 +55,35 @@ class FederatedData(NamedTuple):
   counts: jax.Array  # int32 [N], valid entries per row
 
 
+class Uplink(NamedTuple):
+  """The sampled clients' links this round, as the controller chose them (ALGORITHM.md 4, 6)."""
+  bandwidth_hz: jax.Array  # float32 [K], FDMA share b_k
+  snr_coeff: jax.Array  # float32 [K], a_k = p beta_k g_k / N0 in Hz
+  compute_s: jax.Array  # float32 [K], local training time c_k
+
+
 class RoundHparams(NamedTuple):
   """Per-round hyperparameters passed as traced arrays, so new values never recompile."""
   client_lr: jax.Array  # float32 []
   zeta: jax.Array  # float32 [], orthogonality penalty weight (ALGORITHM.md 2.1)
   keep_ratio: jax.Array  # float32 [], O_t in (0, 1] (ALGORITHM.md 2.3)
+  uplink: Uplink | None = None  # None: latency is not simulated (reported as 0)
 
 
-def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0) -> RoundHparams:
+def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0,
+                 uplink: tuple | None = None) -> RoundHparams:
+  """RoundHparams from host values; `uplink` is (bandwidth_hz, snr_coeff, compute_s), each [K]."""
+  if uplink is not None:
+    uplink = Uplink(*(jnp.asarray(x, jnp.float32) for x in uplink))
   return RoundHparams(client_lr=jnp.float32(client_lr), zeta=jnp.float32(zeta),
-                      keep_ratio=jnp.float32(keep_ratio))
+                      keep_ratio=jnp.float32(keep_ratio), uplink=uplink)
 
 
 class RoundMetrics(NamedTuple):
   train_loss: jax.Array  # float32 [], data-weighted mean over sampled clients
   client_loss: jax.Array  # float32 [K], mean local loss per sampled client
   client_bits: jax.Array  # int32 [K], uplink bits per sampled client (ALGORITHM.md 2.5)
+  client_latency_s: jax.Array  # float32 [K], c_k + bits_k / R_k(b_k); 0 without an uplink
   dropped_energy: jax.Array  # float32 [], summed over clients and layers
   cov_term: jax.Array  # float32 [], sum over layers of ||sum p_k B_k A_k - Bbar Abar||_F
   orth_residual: jax.Array  # float32 [2], mean over layers for B^T B and A A^T (global factors)
@@ -231,10 +245,12 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
       new_residuals = jax.tree.map(lambda all_r, r: all_r.at[client_ids].set(r),
                                    state.residuals, uploads.residual)
     bits = value_bits * (uploads.values + head_params) + uploads.index_bits
+    latency = (jnp.zeros(bits.shape, jnp.float32) if hparams.uplink is None else
+               wireless.client_latencies_s(bits, *hparams.uplink, xp=jnp))
     cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
            else jnp.zeros((), jnp.float32))
     metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses,
-                           client_bits=bits, dropped_energy=uploads.dropped_energy.sum(),
+                           client_bits=bits, client_latency_s=latency, dropped_energy=uploads.dropped_energy.sum(),
                            cov_term=cov, orth_residual=global_orth_residual(lora))
     new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
                             residuals=new_residuals)

@@ -204,3 +204,44 @@ def make_sparsifier(name: str = "dense", *, selection: str = "per_layer",
   if name == "slora":
     return _slora()
   raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+
+
+def predicted_upload_bits(name: str, lora_shapes: PyTree, keep_ratio: float, *,
+                          value_bits: int, head_params: int) -> int:
+  """Host-side bits one client uploads with method `name` at keep ratio O, before any training.
+
+  The payload of every method depends only on the shapes and O (for SOFT with per-layer
+  selection; global top-(m L) selection spreads the same number of components unevenly over
+  layers, so its index bits are only approximated here). The TSFA controller prices each
+  candidate O with it before the round; tests check it equals the bits the jitted round reports.
+
+  Args:
+    name: one of METHODS.
+    lora_shapes: the LoRA tree (arrays or ShapeDtypeStructs).
+    keep_ratio: O in (0, 1].
+    value_bits: q.
+    head_params: head values, always sent densely.
+
+  Returns:
+    Bits (ALGORITHM.md 2.5 for factor uploads; section 7 for the element-wise and SVD methods).
+  """
+  pairs, _ = soft.factor_pairs(lora_shapes)
+  values = index = 0
+  for p in pairs:
+    (d_out, rank), d_in = p["B"].shape, p["A"].shape[1]
+    m = int(soft.kept_count(keep_ratio, rank))
+    if name == "dense":
+      values += rank * (d_in + d_out)
+    elif name == "soft":
+      values += m * (d_in + d_out)
+      index += payload.index_bits_per_layer(rank, m)
+    elif name == "slora":
+      values += m * (d_in + d_out + 1)
+    elif name in ("tlora", "rlora"):
+      for size in (d_out * rank, rank * d_in):
+        k = int(compressors.topk_count(keep_ratio, size))
+        values += k
+        index += payload.index_bits_per_layer(size, k) if name == "tlora" else 0
+    else:
+      raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+  return value_bits * (values + head_params) + index

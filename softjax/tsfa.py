@@ -264,6 +264,56 @@ def select_rank(candidates: Sequence[int], mbar: int | Callable[[int], int], gam
   return best, values
 
 
+@dataclasses.dataclass(frozen=True)
+class OfflinePlan:
+  """What the offline stage broadcasts before round 0, and how it got there.
+
+  Attributes:
+    rank: rbar, the chosen LoRA rank.
+    keep_ratio: O_0(rbar) = min(1, mbar / rbar).
+    mbar: {r: affordable components per layer} (depends on r through the index bits).
+    objective: {r: J(r)}.
+  """
+
+  rank: int
+  keep_ratio: float
+  mbar: dict[int, int]
+  objective: dict[int, float]
+
+
+def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_rates_bps,
+                 layer_dims: Sequence[tuple[int, int]], head_params: int, value_bits: int,
+                 quantile: float = 0.5, gamma: float = 1.0, lambda_sp: float = 1.0,
+                 lambda_cov: float = 0.1, singular_values=None) -> OfflinePlan:
+  """Stage 1 end to end: mbar(r) at the client quantile, rbar = argmin J(r), O_0(rbar).
+
+  Args:
+    candidates: ranks to compare.
+    tbar_s: the latency budget Tbar.
+    compute_s: [N] compute times of all clients.
+    approx_rates_bps: [N] rates on the approximated channel (`approx_rate_bps`).
+    layer_dims: (d_in, d_out) of every adapted matrix.
+    head_params: head values (sent densely).
+    value_bits: q.
+    quantile, gamma, lambda_sp, lambda_cov, singular_values: as in
+      `affordable_components_quantile` and `select_rank`.
+
+  Returns:
+    An OfflinePlan.
+
+  References: ALGORITHM.md section 5, steps 1-5.
+  """
+  dims = [tuple(d) for d in layer_dims]
+  sum_dims = sum(d_in + d_out for d_in, d_out in dims)
+  mbar = {int(r): affordable_components_quantile(
+      tbar_s, compute_s, approx_rates_bps, head_bits=value_bits * head_params,
+      index_bits=worst_case_index_bits(len(dims), int(r)), value_bits=value_bits,
+      sum_dims=sum_dims, quantile=quantile) for r in candidates}
+  rbar, objective = select_rank(list(mbar), mbar.__getitem__, gamma, lambda_sp, lambda_cov,
+                                singular_values=singular_values)
+  return OfflinePlan(rbar, initial_keep_ratio(mbar[rbar], rbar), mbar, objective)
+
+
 # ----------------------------------------------------------------------------------------------
 # Online stage (ALGORITHM.md 6)
 # ----------------------------------------------------------------------------------------------

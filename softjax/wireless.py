@@ -205,7 +205,7 @@ def snr_coefficient_hz(beta, g, cfg: ChannelConfig) -> np.ndarray:
       cfg.noise_psd_w_hz)
 
 
-def rate_bps(bandwidth_hz, snr_coeff) -> np.ndarray:
+def rate_bps(bandwidth_hz, snr_coeff, xp=np):
   """Shannon rate `R = b log2(1 + a / b)` of a band of b Hz; 0 where b = 0.
 
   Concave and increasing in b, tending to `a / ln 2` as b grows (the power-limited regime), which
@@ -215,19 +215,23 @@ def rate_bps(bandwidth_hz, snr_coeff) -> np.ndarray:
   Args:
     bandwidth_hz: b >= 0.
     snr_coeff: a >= 0 in Hz (see `snr_coefficient_hz`).
+    xp: the array namespace: numpy on the host (float64), jax.numpy inside the jitted round
+      (float32), so both compute latency with this one formula.
 
   Returns:
     Rates in bit/s, broadcast shape.
 
   References: ALGORITHM.md section 4.
   """
-  b = np.asarray(bandwidth_hz, np.float64)
-  a = np.asarray(snr_coeff, np.float64)
-  b, a = np.broadcast_arrays(b, a)
-  out = np.zeros(b.shape)
+  b, a = _floats(xp, bandwidth_hz), _floats(xp, snr_coeff)
   on = b > 0
-  out[on] = b[on] * np.log1p(a[on] / b[on]) / math.log(2.0)
-  return out
+  safe = xp.where(on, b, 1.0)  # keeps the untaken branch finite (and its gradient, under jit)
+  return xp.where(on, safe * xp.log1p(a / safe) / math.log(2.0), 0.0)
+
+
+def _floats(xp, x):
+  """float64 NumPy on the host, float32 inside jit (the round's dtype)."""
+  return np.asarray(x, np.float64) if xp is np else xp.asarray(x, xp.float32)
 
 
 def compute_time_s(local_steps: int, batch_size: int, flops_per_example: float,
@@ -296,7 +300,7 @@ def flops_per_example(*, seq_len: int, width: int, depth: int, mlp_dim: int, num
   return 2.0 * float(forward + backward)
 
 
-def client_latencies_s(bits, bandwidth_hz, snr_coeff, compute_s) -> np.ndarray:
+def client_latencies_s(bits, bandwidth_hz, snr_coeff, compute_s, xp=np):
   """Per-client round time `c_k + bits_k / R_k(b_k)`; inf when bits > 0 meet a zero rate.
 
   Args:
@@ -304,20 +308,19 @@ def client_latencies_s(bits, bandwidth_hz, snr_coeff, compute_s) -> np.ndarray:
     bandwidth_hz: [K] allocated bandwidth.
     snr_coeff: [K] SNR coefficients a_k in Hz.
     compute_s: [K] local compute times.
+    xp: numpy (host) or jax.numpy (inside the jitted round); see `rate_bps`.
 
   Returns:
     [K] seconds.
 
   References: ALGORITHM.md section 4.
   """
-  bits = np.asarray(bits, np.float64)
-  rates = rate_bps(bandwidth_hz, snr_coeff)
-  bits, rates, compute = np.broadcast_arrays(bits, rates, np.asarray(compute_s, np.float64))
-  upload = np.zeros(bits.shape)
+  bits = _floats(xp, bits)
+  rates = rate_bps(bandwidth_hz, snr_coeff, xp)
   sending = bits > 0
-  with np.errstate(divide="ignore"):
-    upload[sending] = bits[sending] / rates[sending]  # rate 0 -> inf, on purpose
-  return compute + upload
+  with np.errstate(divide="ignore"):  # rate 0 with bits to send -> inf, on purpose
+    upload = xp.where(sending, bits / xp.where(sending, rates, 1.0), 0.0)
+  return _floats(xp, compute_s) + upload
 
 
 def round_latency_s(bits, bandwidth_hz, snr_coeff, compute_s) -> float:

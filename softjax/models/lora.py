@@ -97,7 +97,7 @@ def is_factor_pair(node: Any) -> bool:
   return isinstance(node, Mapping) and set(node.keys()) == {"A", "B"}
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[Any, ...]) -> str:
   """'/'-joined key path, the checkpoint naming convention."""
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -113,7 +113,7 @@ def lora_layers(lora_tree: PyTree) -> list[tuple[str, Mapping[str, jax.Array]]]:
     `"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query"`.
   """
   leaves, _ = jax.tree.flatten_with_path(lora_tree, is_leaf=is_factor_pair)
-  return [(_path_str(path), pair) for path, pair in leaves]
+  return [(path_str(path), pair) for path, pair in leaves]
 
 
 def lora_layer_dims(lora_tree: PyTree) -> list[tuple[str, int, int]]:
@@ -167,7 +167,7 @@ def merge_lora(params: PyTree, lora_tree: PyTree, lora_cfg: LoRAConfig) -> PyTre
   merged = set()
 
   def merge_leaf(path, kernel):
-    name = _path_str(path)
+    name = path_str(path)
     layer, _, leaf_name = name.rpartition("/")
     if leaf_name != "kernel" or layer not in factors:
       return kernel
