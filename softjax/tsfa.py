@@ -290,7 +290,8 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
   Args:
     candidates: ranks to compare.
     tbar_s: the latency budget Tbar.
-    compute_s: [N] compute times of all clients.
+    compute_s: [N] compute times of all clients, or r -> [N] (the LoRA paths add compute that
+      grows with the rank).
     approx_rates_bps: [N] rates on the approximated channel (`approx_rate_bps`).
     layer_dims: (d_in, d_out) of every adapted matrix.
     head_params: head values (sent densely).
@@ -305,8 +306,9 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
   """
   dims = [tuple(d) for d in layer_dims]
   sum_dims = sum(d_in + d_out for d_in, d_out in dims)
+  compute_of = compute_s if callable(compute_s) else (lambda _: compute_s)
   mbar = {int(r): affordable_components_quantile(
-      tbar_s, compute_s, approx_rates_bps, head_bits=value_bits * head_params,
+      tbar_s, compute_of(int(r)), approx_rates_bps, head_bits=value_bits * head_params,
       index_bits=worst_case_index_bits(len(dims), int(r)), value_bits=value_bits,
       sum_dims=sum_dims, quantile=quantile) for r in candidates}
   rbar, objective = select_rank(list(mbar), mbar.__getitem__, gamma, lambda_sp, lambda_cov,
@@ -430,6 +432,14 @@ class MinLatencyProblem:
     self.problem = cp.Problem(cp.Minimize(self.tau), constraints)
     if not self.problem.is_dpp():  # a raise, not an assert: it must hold under python -O too
       raise AssertionError("the minimum-latency problem must be DPP to be compiled once")
+    # CVXPY's first solve compiles the problem along a path whose floating-point results differ
+    # (by ~1e-7) from every later solve's. Compiling here, on a neutral instance, makes a solve
+    # depend only on its inputs, so a resumed run reproduces the uninterrupted run's decisions.
+    try:
+      self.solve(np.ones(num_clients) * _MEGA, np.ones(num_clients) * 1e3 * _MEGA,
+                 np.zeros(num_clients))
+    except Exception:  # a broken solver surfaces again on the first real solve, which falls back
+      pass
 
   def solve(self, bits, snr_coeff, compute_s) -> tuple[float, np.ndarray]:
     """Solves for one round's channel and payloads.

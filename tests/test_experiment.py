@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from configs import testing
 from softjax import checkpointing
 from softjax import experiment
 from softjax import metrics as metrics_lib
+from softjax import tsfa
 from softjax.models import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,3 +209,75 @@ def test_extending_a_cosine_schedule_is_refused(cache_dir, tmp_path):
   experiment.run(make_config(cache_dir, rounds=2, **{"fl.lr_schedule": "cosine"}), workdir)
   with pytest.raises(checkpointing.CheckpointError, match="lr_schedule"):
     experiment.run(make_config(cache_dir, rounds=3, **{"fl.lr_schedule": "cosine"}), workdir)
+
+
+# ------------------------------------------------------------------------ the latency controller
+
+OSFA = {"method.name": "soft", "method.zeta": 0.1, "controller.name": "osfa"}
+
+
+@pytest.fixture(scope="module")
+def osfa_run(cache_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("osfa"))
+  return workdir, experiment.run(make_config(cache_dir, **OSFA), workdir)
+
+
+def test_osfa_rows_report_latency_and_the_queue_follows_them(osfa_run):
+  workdir, summary = osfa_run
+  rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  tbar = summary["latency_budget_s"]
+  assert tbar > 0 and summary["rank"] == 4
+  queue = 0.0
+  for r in rows:
+    assert {"latency_s", "predicted_latency_s", "queue", "keep_ratio", "solver",
+            "solver_time_s", "fallbacks"} <= set(r)
+    assert r["solver"] == "cvx" and r["fallbacks"] == 0
+    assert r["keep_ratio"] in (0.25, 0.5, 0.75, 1.0)
+    # SOFT's realized payload is what the controller priced, so latency is as predicted.
+    assert r["latency_s"] == pytest.approx(r["predicted_latency_s"], rel=1e-4)
+    queue = max(queue + r["latency_s"] / tbar - 1.0, 0.0)
+    assert r["queue"] == pytest.approx(queue, rel=1e-6, abs=1e-9)
+  assert rows[0]["keep_ratio"] == 1.0  # empty queue: P3 ignores latency
+  assert summary["max_queue"] > 0  # the dense first round overran a budget of half of it
+  assert summary["round_traces"] == 1  # a new O_t and split every round, one compilation
+
+
+def test_osfa_run_resumes_with_its_queue(osfa_run, cache_dir, tmp_path):
+  full_dir, _ = osfa_run
+  workdir = str(tmp_path / "osfa_resumed")
+
+  def crash_after_round_3(t):
+    if t == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(make_config(cache_dir, **OSFA), workdir, on_round_end=crash_after_round_3)
+  experiment.run(make_config(cache_dir, **OSFA), workdir)
+  want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
+  got = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  assert comparable(got) == comparable(want)
+
+
+def test_tsfa_picks_the_rank_offline_with_a_pilot_spectrum(cache_dir, tmp_path):
+  config = make_config(cache_dir, rounds=2, **{**OSFA, "controller.name": "tsfa",
+                                               "controller.spectrum": "pilot",
+                                               "controller.rank_candidates": "1,2,8"})
+  summary = experiment.run(config, str(tmp_path / "tsfa"))
+  offline = summary["offline"]
+  assert set(offline["objective"]) == {1, 2, 8}
+  assert summary["rank"] == offline["rank"] == min(offline["objective"],
+                                                   key=offline["objective"].get)
+  assert {leaf.shape[0] for leaf in jax.tree.leaves(summary["lora_template"])} >= {
+      summary["rank"]}
+  assert summary["rows"][0]["keep_ratio"] == offline["keep_ratio"]
+
+
+def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path, monkeypatch):
+  def broken(self, bits, snr_coeff, compute_s):
+    raise RuntimeError("injected solver failure")
+
+  monkeypatch.setattr(tsfa.MinLatencyProblem, "solve", broken)
+  summary = experiment.run(make_config(cache_dir, rounds=3, **OSFA), str(tmp_path / "broken"))
+  assert [r["solver"] for r in summary["rows"]] == ["numpy"] * 3
+  assert [r["fallbacks"] for r in summary["rows"]] == [1, 1, 1]
+  assert summary["final_accuracy"] is not None
