@@ -14,24 +14,14 @@ Arguments (`configs/e1.py:method=tlora,rank=4,scale=cpu,rounds=60`):
   checkpoint: the ViT-B/16 .npz for scale=paper.
 """
 
-from configs import cifar100_vitb16
-from configs import quickstart
-from configs import testing
+from configs import scales
 from softjax import config as config_lib
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, method="soft", rank=8, scale="cpu", keep_ratio=0.5,
                               zeta=0.1, rounds=0, checkpoint="ViT-B_16.npz")
-  if args.scale == "cpu":
-    config = quickstart.get_config()
-  elif args.scale == "paper":
-    config = cifar100_vitb16.get_config(f"checkpoint={args.checkpoint}")
-  elif args.scale == "test":
-    config = testing.get_config()
-  else:
-    raise config_lib.ConfigError("<arg>.scale", args.scale, "must be one of cpu, paper, test")
-  config.unlock()
+  config = scales.base_for_scale(args.scale, args.checkpoint)
   config.lora.rank = args.rank
   config.lora.alpha = 4.0 * args.rank  # the same adapter scale alpha / r = 4 at every rank
   config.method.name = args.method

@@ -1,6 +1,8 @@
 r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
   python -m experiments.reproduce --experiment=e1 --scale=cpu --out=results/e1
+  python -m experiments.reproduce --experiment=e2 --scale=cpu --out=results/e2
+  python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run under --out, so an interrupted driver resumes every run where it stopped),
@@ -17,17 +19,22 @@ from absl import app
 from absl import flags
 
 from configs import e1 as e1_config
+from configs import tsfa as tsfa_config
 from experiments import common
 from experiments import compression_cost
 from softjax import experiment
 from softjax import plots
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["e1"], "Which experiment to run.")
+_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["e1", "e2", "e4"],
+                                "Which experiment to run.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper", "test"],
                            "cpu: minutes on a CPU; paper: an accelerator; test: seconds.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: the config's).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "ViT-B_16.npz", "ViT-B/16 .npz (scale=paper).")
+_RANKS = flags.DEFINE_list("ranks", [], "E2: the fixed ranks (default 1,2,4,8,16,32,64; tsfa "
+                           "compares the same ones).")
+_TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best).")
 flags.mark_flags_as_required(["experiment", "out"])
 
 E1_METHODS = ("dense", "soft", "tlora", "rlora", "slora")
@@ -86,21 +93,136 @@ def e1_table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+E2_RANKS = (1, 2, 4, 8, 16, 32, 64)
+E4_EVAL_EVERY = {"cpu": 4, "paper": 5, "test": 1}  # finer than the default, to time the target
+E4_TARGET_FRACTION = 0.97  # [choice] default target: this share of dense's best accuracy
+
+
+def _tsfa_run(out: str, name: str, arg: str, rank_candidates=None):
+  """One configs/tsfa.py run in DIR/name (resumed if it is there)."""
+  config = tsfa_config.get_config(arg)
+  if rank_candidates:
+    config.unlock()
+    config.controller.rank_candidates = ",".join(str(r) for r in rank_candidates)
+    config.lock()
+  return experiment.run(config, os.path.join(out, name))
+
+
+def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[dict[str, Any]]:
+  """E2: OSFA at every fixed rank vs TSFA (rank from the offline stage), one budget for all."""
+  common_arg = f"scale={scale},rounds={rounds},checkpoint={checkpoint}"
+  records = []
+  runs = [("osfa", r) for r in ranks] + [("tsfa", None)]
+  for controller, rank in runs:
+    arg = f"controller={controller},{common_arg}" + (f",rank={rank}" if rank else "")
+    # TSFA compares exactly the ranks OSFA runs at.
+    summary = _tsfa_run(out, f"{controller}_r{rank}" if rank else controller, arg, ranks)
+    rows = summary["rows"]
+    records.append({
+        "method": controller, "rank": summary["rank"],
+        "final_accuracy": summary["final_accuracy"],
+        "mean_latency_s": summary["mean_latency_s"],
+        "latency_budget_s": summary["latency_budget_s"], "max_queue": summary["max_queue"],
+        "cum_uplink_bits": summary["cum_uplink_bits"],
+        "mean_keep_ratio": float(sum(r["keep_ratio"] for r in rows) / len(rows)),
+        "fallbacks": sum(r["fallbacks"] for r in rows),
+        "offline": summary["offline"], "queue": [r["queue"] for r in rows],
+        "curve": _curve(rows)})
+  rbar = next(r["rank"] for r in records if r["method"] == "tsfa")
+  for r in records:
+    r["is_rbar"] = r["rank"] == rbar
+  return records
+
+
+def e2_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| method | rank | final accuracy | mean latency (s) | budget (s) | mean / budget | "
+           "max queue | mean O | uplink (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    mark = " (rbar)" if r["is_rbar"] else ""
+    lines.append(f"| {r['method']} | {r['rank']}{mark} | {r['final_accuracy']:.4f} | "
+                 f"{r['mean_latency_s']:.4f} | {r['latency_budget_s']:.4f} | "
+                 f"{r['mean_latency_s'] / r['latency_budget_s']:.3f} | {r['max_queue']:.2f} | "
+                 f"{r['mean_keep_ratio']:.3f} | {r['cum_uplink_bits'] / 8e6:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def first_reaching(curve: dict[str, list], target: float) -> tuple[int | None, int | None]:
+  """(round, cumulative uplink bits) of the first evaluation at or above `target`."""
+  for t, acc, bits in zip(curve["round"], curve["test_accuracy"], curve["cum_uplink_bits"]):
+    if acc >= target:
+      return t, bits
+  return None, None
+
+
+def run_e4(out: str, scale: str, rounds: int, checkpoint: str, target: float
+           ) -> tuple[list[dict[str, Any]], float]:
+  """E4: uplink bits to reach a target accuracy, SOFT+TSFA vs dense federated LoRA."""
+  common_arg = (f"scale={scale},rounds={rounds},checkpoint={checkpoint},"
+                f"eval_every={E4_EVAL_EVERY[scale]}")
+  runs = {"dense": f"controller=dense,rank={tsfa_config.REFERENCE_RANK},{common_arg}",
+          "soft+tsfa": f"controller=tsfa,{common_arg}"}
+  summaries = {name: _tsfa_run(out, name.replace("+", "_"), arg)
+               for name, arg in runs.items()}
+  curves = {name: _curve(s["rows"]) for name, s in summaries.items()}
+  if not target:
+    target = E4_TARGET_FRACTION * max(curves["dense"]["test_accuracy"])
+  records = []
+  for name, s in summaries.items():
+    t, bits = first_reaching(curves[name], target)
+    records.append({"method": name, "rank": s["rank"], "target_accuracy": target,
+                    "rounds_to_target": t, "bits_to_target": bits,
+                    "final_accuracy": s["final_accuracy"], "cum_uplink_bits": s["cum_uplink_bits"],
+                    "mean_latency_s": s["mean_latency_s"],
+                    "latency_budget_s": s["latency_budget_s"], "curve": curves[name]})
+  dense_bits = records[0]["bits_to_target"]
+  for r in records:
+    r["saving_percent"] = (100.0 * (1.0 - r["bits_to_target"] / dense_bits)
+                           if r["bits_to_target"] and dense_bits else None)
+  return records, target
+
+
+def e4_table(records: list[dict[str, Any]]) -> str:
+  fmt = lambda x, f: "not reached" if x is None else format(x, f)  # noqa: E731
+  lines = ["| method | rank | target | rounds to target | MB to target | saving vs dense | "
+           "final accuracy | total MB | mean latency / budget |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    mb = None if r["bits_to_target"] is None else r["bits_to_target"] / 8e6
+    saving = "-" if r["saving_percent"] is None else f"{r['saving_percent']:.1f} %"
+    lines.append(f"| {r['method']} | {r['rank']} | {r['target_accuracy']:.4f} | "
+                 f"{fmt(r['rounds_to_target'], 'd')} | {fmt(mb, '.2f')} | {saving} | "
+                 f"{r['final_accuracy']:.4f} | {r['cum_uplink_bits'] / 8e6:.2f} | "
+                 f"{r['mean_latency_s'] / r['latency_budget_s']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   common.quiet_libraries()
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
-  name = _EXPERIMENT.value
-  records = common.exit_on_user_error(run_e1, out, _SCALE.value, _ROUNDS.value,
-                                      _CHECKPOINT.value)
+  name, scale = _EXPERIMENT.value, _SCALE.value
+  args = (out, scale, _ROUNDS.value, _CHECKPOINT.value)
+  if name == "e1":
+    records = common.exit_on_user_error(run_e1, *args)
+    table = e1_table(records)
+    plots.accuracy_curves(records, os.path.join(out, "e1_accuracy.png"),
+                          title=f"E1: keep ratio {E1_KEEP_RATIO}")
+  elif name == "e2":
+    ranks = [int(r) for r in _RANKS.value] or list(E2_RANKS)
+    records = common.exit_on_user_error(run_e2, *args, ranks)
+    table = e2_table(records)
+    plots.accuracy_vs_rank(records, os.path.join(out, "e2_rank.png"),
+                           title="E2: OSFA at fixed ranks vs TSFA")
+  else:
+    records, target = common.exit_on_user_error(run_e4, *args, _TARGET.value)
+    table = e4_table(records)
+    plots.accuracy_vs_bits_with_target(records, target, os.path.join(out, "e4_bits.png"),
+                                       title="E4: uplink to a target accuracy")
   with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(records, f, indent=1)
-  table = e1_table(records)
   with open(os.path.join(out, f"{name}.md"), "w") as f:
-    f.write(f"# {name.upper()} ({_SCALE.value} scale)\n\n" + table)
-  plots.accuracy_curves(records, os.path.join(out, f"{name}_accuracy.png"),
-                        title=f"{name.upper()}: keep ratio {E1_KEEP_RATIO}")
+    f.write(f"# {name.upper()} ({scale} scale)\n\n" + table)
   print(table)
 
 

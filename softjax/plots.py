@@ -40,3 +40,60 @@ def accuracy_curves(records: Sequence[dict[str, Any]], path: str, title: str = "
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def accuracy_vs_rank(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E2: final accuracy of each fixed-rank run against its rank, TSFA's choice marked, and
+  each run's virtual queue over the rounds.
+
+  Records hold `method` (osfa | tsfa), `rank`, `final_accuracy` and `queue` (per round).
+  """
+  fig, (acc, queue) = plt.subplots(1, 2, figsize=(11, 4))
+  fixed = sorted((r for r in records if r["method"] != "tsfa"), key=lambda r: r["rank"])
+  acc.plot([r["rank"] for r in fixed], [r["final_accuracy"] for r in fixed], "o-",
+           label="OSFA (fixed rank)")
+  for r in records:
+    if r["method"] == "tsfa":
+      acc.plot([r["rank"]], [r["final_accuracy"]], "r*", markersize=14,
+               label=f"TSFA (rbar = {r['rank']})")
+  acc.set_xscale("log", base=2)
+  acc.set_xlabel("LoRA rank")
+  acc.set_ylabel("final test accuracy")
+  acc.legend(fontsize=8)
+  for i, r in enumerate(records):
+    style = "-" if r["method"] == "tsfa" else ":"
+    queue.plot(range(1, len(r["queue"]) + 1), r["queue"], style, color=f"C{i % 10}",
+               label=f"{r['method']} r={r['rank']}")
+  queue.set_xlabel("round")
+  queue.set_ylabel("virtual queue Q")
+  queue.legend(fontsize=7, ncol=2)
+  for ax in (acc, queue):
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def accuracy_vs_bits_with_target(records: Sequence[dict[str, Any]], target: float, path: str,
+                                 title: str = "") -> None:
+  """E4: accuracy against cumulative uplink per method, the target accuracy as a line and each
+  method's bits-to-target as a marker."""
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for i, r in enumerate(records):
+    curve = r["curve"]
+    ax.plot([b / 8e6 for b in curve["cum_uplink_bits"]], curve["test_accuracy"], "o-",
+            color=f"C{i}", markersize=3, label=r["method"])
+    if r["bits_to_target"] is not None:
+      ax.plot([r["bits_to_target"] / 8e6], [target], "x", color=f"C{i}", markersize=10)
+  ax.axhline(target, color="gray", linestyle="--", label=f"target {target:.3f}")
+  ax.set_xscale("log")
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.set_xlabel("cumulative uplink (MB)")
+  ax.set_ylabel("test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -49,7 +49,7 @@ def test_channel_config_converts_units():
   w = config_lib.base_config().wireless
   cfg = controller_lib.channel_config(w)
   assert cfg.bandwidth_hz == 20e6
-  assert cfg.device_flops_range == (500e9, 1500e9)
+  assert cfg.device_flops_range == (2000e9, 6000e9)
   assert cfg.tx_power_dbm == 23.0 and cfg.noise_psd_dbm_hz == -174.0
 
 

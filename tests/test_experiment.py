@@ -281,3 +281,47 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
   assert [r["solver"] for r in summary["rows"]] == ["numpy"] * 3
   assert [r["fallbacks"] for r in summary["rows"]] == [1, 1, 1]
   assert summary["final_accuracy"] is not None
+
+
+def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
+  out = str(tmp_path / "e2")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--experiment=e2", "--scale=test",
+       f"--out={out}", "--rounds=3", "--ranks=1,4"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = json.load(open(os.path.join(out, "e2.json")))
+  assert [(r["method"], r["rank"]) for r in records][:2] == [("osfa", 1), ("osfa", 4)]
+  tsfa_record = records[-1]
+  assert tsfa_record["method"] == "tsfa" and tsfa_record["rank"] in (1, 4)
+  assert set(tsfa_record["offline"]["objective"]) == {"1", "4"}  # JSON keys
+  for r in records:
+    assert {"final_accuracy", "mean_latency_s", "latency_budget_s", "max_queue",
+            "cum_uplink_bits", "is_rbar"} <= set(r)
+    assert len(r["queue"]) == 3
+    assert r["is_rbar"] == (r["rank"] == tsfa_record["rank"])
+  # One budget for every run: it is a fraction of the same dense reference.
+  assert len({r["latency_budget_s"] for r in records}) == 1
+  assert os.path.getsize(os.path.join(out, "e2_rank.png")) > 10_000
+  assert "(rbar)" in open(os.path.join(out, "e2.md")).read()
+
+
+def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
+  out = str(tmp_path / "e4")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--experiment=e4", "--scale=test",
+       f"--out={out}", "--rounds=3", "--target=0.01"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
+  assert done.returncode == 0, done.stderr[-3000:]
+  dense, tsfa_record = json.load(open(os.path.join(out, "e4.json")))
+  assert (dense["method"], tsfa_record["method"]) == ("dense", "soft+tsfa")
+  for r in (dense, tsfa_record):
+    # A target of 1 % is met at the first evaluation (every round at test scale).
+    assert r["target_accuracy"] == 0.01 and r["rounds_to_target"] == 1
+    assert r["bits_to_target"] == r["curve"]["cum_uplink_bits"][0]
+  assert tsfa_record["saving_percent"] == pytest.approx(
+      100 * (1 - tsfa_record["bits_to_target"] / dense["bits_to_target"]))
+  assert tsfa_record["saving_percent"] > 0  # a budget of half the dense latency sends less
+  assert os.path.getsize(os.path.join(out, "e4_bits.png")) > 10_000

@@ -1,0 +1,26 @@
+"""The three sizes every experiment config comes in (shared by configs/e1.py and configs/tsfa.py).
+
+  cpu:   the quickstart setup (cpu_small ViT, Fashion-MNIST, 20 clients): minutes on a CPU.
+  paper: ViT-B/16 on CIFAR-100, 100 clients (configs/cifar100_vitb16.py): an accelerator.
+  test:  8x8 digits and a 2-block ViT (configs/testing.py): seconds, for tests.
+"""
+
+from configs import cifar100_vitb16
+from configs import quickstart
+from configs import testing
+from softjax import config as config_lib
+
+SCALES = ("cpu", "paper", "test")
+
+
+def base_for_scale(scale: str, checkpoint: str):
+  """An unlocked config of the given scale; `checkpoint` is the ViT-B/16 .npz for paper."""
+  if scale == "cpu":
+    config = quickstart.get_config()
+  elif scale == "paper":
+    config = cifar100_vitb16.get_config(f"checkpoint={checkpoint}")
+  elif scale == "test":
+    config = testing.get_config()
+  else:
+    raise config_lib.ConfigError("<arg>.scale", scale, f"must be one of {', '.join(SCALES)}")
+  return config.unlock()
