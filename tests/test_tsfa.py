@@ -4,7 +4,6 @@ the experiment loop uses)."""
 
 import functools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -188,22 +187,6 @@ def test_cvx_resolves_new_parameters_without_rebuilding():
   assert tau1 == pytest.approx(tsfa.min_latency_numpy(*first, CFG.bandwidth_hz)[0], rel=1e-3)
   assert tau2 == pytest.approx(tsfa.min_latency_numpy(*second, CFG.bandwidth_hz)[0], rel=1e-3)
   assert tau1_again == pytest.approx(tau1, rel=1e-6)
-
-
-def test_solver_timing_is_reported():
-  for k in (10, 100):
-    problem = tsfa.MinLatencyProblem(k, CFG.bandwidth_hz)
-    instances = [_instance(k, seed, deep_fades=1) for seed in range(4)]
-    problem.solve(*instances[0])  # the first solve compiles
-    start = time.perf_counter()
-    for inst in instances:
-      problem.solve(*inst)
-    cvx_ms = (time.perf_counter() - start) / len(instances) * 1e3
-    start = time.perf_counter()
-    for inst in instances:
-      tsfa.min_latency_numpy(*inst, CFG.bandwidth_hz)
-    numpy_ms = (time.perf_counter() - start) / len(instances) * 1e3
-    print(f"K = {k}: CVX {cvx_ms:.2f} ms per solve, NumPy twin {numpy_ms:.2f} ms per solve")
 
 
 def _p3_setup(total_bw_hz, k=5, rank=8):

@@ -1,0 +1,101 @@
+r"""Benchmark: the host-side TSFA solve per round (CVXPY and the NumPy twin) for K clients, and
+its share of a round.
+
+For each K: the CVXPY build + first solve (once per run), the median time of one
+min-latency solve with each solver, and the per-round P3 (enumeration over m = 1..r with a
+non-empty queue, so every m is solved). The round-time share divides the P3 time by
+`K x per-client training time`, with the per-client time given for two setups:
+  cpu:   measured, the CPU-scale quickstart on the project's 2-core VM (E1 dense r = 8:
+         105 s of rounds / 80 rounds / 5 clients = 0.26 s per client);
+  paper: projected, ViT-B/16 with 320 training examples per client per round at ~35 GFLOP each
+         (11.2 TFLOP) on an accelerator sustaining 100 TFLOP/s: 0.11 s per client [assumption,
+         not measured here: no accelerator was available].
+
+  python -m experiments.solver_benchmark --out=/tmp/solver.json
+"""
+
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from softjax import tsfa
+from softjax import wireless
+
+_KS = flags.DEFINE_list("clients", ["10", "100", "500"], "Clients per round K.")
+_RANK = flags.DEFINE_integer("rank", 8, "LoRA rank r (P3 enumerates m = 1..r).")
+_INSTANCES = flags.DEFINE_integer("instances", 5, "Random rounds per K (median over them).")
+_CPU_CLIENT_S = flags.DEFINE_float("cpu_client_s", 0.26, "CPU-scale training s per client.")
+_PAPER_CLIENT_S = flags.DEFINE_float("paper_client_s", 0.11, "Projected paper-scale s per client.")
+_OUT = flags.DEFINE_string("out", None, "Write the records as JSON here.")
+
+LAYERS = [(768, 768)] * 24  # ViT-B/16 query and value
+HEAD_PARAMS = 768 * 100 + 100
+
+
+def _round(k: int, seed: int, cfg: wireless.ChannelConfig):
+  """One round's channel for K clients of a placed population, with fresh Rayleigh fading."""
+  rng = np.random.default_rng(seed)
+  beta = wireless.large_scale_gain(wireless.place_clients(k, cfg, seed), cfg, seed)
+  a = wireless.snr_coefficient_hz(beta, rng.exponential(size=k), cfg)
+  return a, rng.uniform(0.1, 0.5, k)
+
+
+def _median_time(fn, args_list) -> float:
+  times = []
+  for args in args_list:
+    start = time.perf_counter()
+    fn(*args)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(k: int, rank: int, instances: int) -> dict:
+  cfg = wireless.ChannelConfig()
+  bits_fn = tsfa.upload_bits_fn(LAYERS, rank, 32, HEAD_PARAMS)
+  rounds = [_round(k, seed, cfg) for seed in range(instances)]
+  start = time.perf_counter()
+  problem = tsfa.MinLatencyProblem(k, cfg.bandwidth_hz)  # builds, checks DPP, compiles
+  build_s = time.perf_counter() - start
+  dense = np.full(k, float(bits_fn(rank)))
+  cvx_s = _median_time(problem.solve, [(dense, a, c) for a, c in rounds])
+  twin = lambda bits, a, c: tsfa.min_latency_numpy(bits, a, c, cfg.bandwidth_hz)  # noqa: E731
+  twin_s = _median_time(twin, [(dense, a, c) for a, c in rounds])
+  phi = lambda m: 1.0 - m / rank  # noqa: E731
+  p3 = {}
+  for name, solver in (("cvx", problem.solve), ("numpy", twin)):
+    p3[name] = _median_time(
+        lambda a, c, s=solver: tsfa.solve_p3(range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn,
+                                             a, c, s), rounds)
+  record = {"clients": k, "rank": rank, "cvx_build_s": build_s, "cvx_solve_s": cvx_s,
+            "numpy_solve_s": twin_s, "p3_cvx_s": p3["cvx"], "p3_numpy_s": p3["numpy"]}
+  for setup, per_client in (("cpu", _CPU_CLIENT_S.value), ("paper", _PAPER_CLIENT_S.value)):
+    round_s = k * per_client
+    record[f"{setup}_round_s"] = round_s
+    record[f"p3_cvx_share_{setup}"] = p3["cvx"] / round_s
+    record[f"p3_numpy_share_{setup}"] = p3["numpy"] / round_s
+  return record
+
+
+def main(argv):
+  del argv
+  records = []
+  for k in (int(x) for x in _KS.value):
+    r = measure(k, _RANK.value, _INSTANCES.value)
+    records.append(r)
+    print(f"K = {k:4d}: build {r['cvx_build_s']:6.2f} s | solve cvx {r['cvx_solve_s'] * 1e3:8.1f}"
+          f" ms, numpy {r['numpy_solve_s'] * 1e3:7.2f} ms | P3 (r = {r['rank']}) cvx "
+          f"{r['p3_cvx_s'] * 1e3:8.1f} ms, numpy {r['p3_numpy_s'] * 1e3:7.2f} ms | share of a "
+          f"round: cpu {r['p3_cvx_share_cpu']:.2%} / {r['p3_numpy_share_cpu']:.3%}, paper "
+          f"{r['p3_cvx_share_paper']:.2%} / {r['p3_numpy_share_paper']:.3%} (cvx / numpy)",
+          flush=True)
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(records, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
