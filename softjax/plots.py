@@ -34,7 +34,12 @@ def accuracy_curves(records: Sequence[dict[str, Any]], path: str, title: str = "
   by_bits.set_xscale("log")
   by_bits.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
   by_bits.legend(fontsize=7, ncol=2)
-  for ax in (by_round, by_bits):
+  _finish(fig, (by_round, by_bits), title, path)
+
+
+def _finish(fig, axes, title: str, path: str) -> None:
+  """Grid on every axis, the title, and the file; the figure is closed."""
+  for ax in axes:
     ax.grid(alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
@@ -67,12 +72,7 @@ def accuracy_vs_rank(records: Sequence[dict[str, Any]], path: str, title: str = 
   queue.set_xlabel("round")
   queue.set_ylabel("virtual queue Q")
   queue.legend(fontsize=7, ncol=2)
-  for ax in (acc, queue):
-    ax.grid(alpha=0.3)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish(fig, (acc, queue), title, path)
 
 
 def accuracy_vs_bits_with_target(records: Sequence[dict[str, Any]], target: float, path: str,
@@ -91,9 +91,5 @@ def accuracy_vs_bits_with_target(records: Sequence[dict[str, Any]], target: floa
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("cumulative uplink (MB)")
   ax.set_ylabel("test accuracy")
-  ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _finish(fig, (ax,), title, path)

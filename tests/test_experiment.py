@@ -181,14 +181,19 @@ def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
   assert "Traceback" not in done.stderr
 
 
-def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
-  out = str(tmp_path / "e1")
+def reproduce(cache_dir, out, experiment_name, *flags):
+  """Runs the reproduction driver at test scale in a subprocess; returns its output dir."""
   done = subprocess.run(
-      [sys.executable, "-m", "experiments.reproduce", "--experiment=e1", "--scale=test",
-       f"--out={out}", "--rounds=2"],
+      [sys.executable, "-m", "experiments.reproduce", f"--experiment={experiment_name}",
+       "--scale=test", f"--out={out}", *flags],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
   assert done.returncode == 0, done.stderr[-3000:]
+  return out
+
+
+def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e1"), "e1", "--rounds=2")
   records = json.load(open(os.path.join(out, "e1.json")))
   assert {(r["method"], r["rank"]) for r in records} == {
       (m, r) for m in ("dense", "soft", "tlora", "rlora", "slora") for r in (4, 8)}
@@ -284,13 +289,7 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
 
 
 def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
-  out = str(tmp_path / "e2")
-  done = subprocess.run(
-      [sys.executable, "-m", "experiments.reproduce", "--experiment=e2", "--scale=test",
-       f"--out={out}", "--rounds=3", "--ranks=1,4"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
-  assert done.returncode == 0, done.stderr[-3000:]
+  out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4")
   records = json.load(open(os.path.join(out, "e2.json")))
   assert [(r["method"], r["rank"]) for r in records][:2] == [("osfa", 1), ("osfa", 4)]
   tsfa_record = records[-1]
@@ -308,13 +307,7 @@ def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
 
 
 def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
-  out = str(tmp_path / "e4")
-  done = subprocess.run(
-      [sys.executable, "-m", "experiments.reproduce", "--experiment=e4", "--scale=test",
-       f"--out={out}", "--rounds=3", "--target=0.01"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "SOFTJAX_CACHE_DIR": cache_dir})
-  assert done.returncode == 0, done.stderr[-3000:]
+  out = reproduce(cache_dir, str(tmp_path / "e4"), "e4", "--rounds=3", "--target=0.01")
   dense, tsfa_record = json.load(open(os.path.join(out, "e4.json")))
   assert (dense["method"], tsfa_record["method"]) == ("dense", "soft+tsfa")
   for r in (dense, tsfa_record):
