@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.partition = "shards"  # iid | shards | dirichlet
   c.data.shards_per_client = 2  # label-sorted shards per client (partition=shards)
   c.data.dirichlet_alpha = 0.5  # concentration (partition=dirichlet); smaller = more skewed
+  c.data.partition_seed = -1  # seed of the client partition; -1 = the run's seed
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "cpu_small"  # tiny | cpu_small | B/16
@@ -125,6 +126,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.controller.quantile = 0.5  # client quantile at which mbar is evaluated
   c.controller.pilot_batches = 4  # spectrum=pilot: client batches in the pilot gradient
 
+  # Vmapped sweeps (softjax/sweep.py): comma lists; "" = not swept. Every member shares one
+  # compiled round, the backbone and the data.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.zeta = ""  # method.zeta values
+  c.sweep.client_lr = ""  # fl.client_lr values
+  c.sweep.keep_ratio = ""  # method.keep_ratio values (the fixed controller's O)
+  c.sweep.V = ""  # controller.V values
+  c.sweep.seed = ""  # seed values (the partition keeps data.partition_seed / the base seed)
+  c.sweep.mode = "grid"  # grid (product of the lists) | zip (element by element)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # evaluate every n rounds and always after the last
   c.eval.num_examples = 0  # test examples used; 0 = the whole test split
@@ -156,6 +167,11 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       value = type(default)(ast.literal_eval(raw))
     parsed[key] = value
   return parsed
+
+
+def partition_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the client partition: data.partition_seed, or the run's seed when it is -1."""
+  return config.seed if config.data.partition_seed < 0 else config.data.partition_seed
 
 
 def lora_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -200,6 +216,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice("data.partition", config.data.partition, partition_lib.PARTITIONS)
   _check_int("data.shards_per_client", config.data.shards_per_client, 1)
   _check_positive("data.dirichlet_alpha", config.data.dirichlet_alpha)
+  _check_int("data.partition_seed", config.data.partition_seed, -1, what=" (-1 = seed)")
 
   _check_choice("model.variant", config.model.variant, vit.VARIANTS)
   backbone = config.model.backbone
@@ -247,6 +264,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("eval.batch_size", config.eval.batch_size, 1)
   _check_int("checkpoint.every", config.checkpoint.every, 1)
   _check_int("checkpoint.keep", config.checkpoint.keep, 1)
+  _validate_sweep(config)
+
+
+def _validate_sweep(config: ml_collections.ConfigDict) -> None:
+  """Every member of a sweep must itself be a valid config."""
+  from softjax import sweep
+
+  members = sweep.member_configs(config)
+  if len(members) > 1:
+    for member in members:
+      validate(member)
 
 
 def _validate_method(method: ml_collections.ConfigDict) -> None:

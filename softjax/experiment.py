@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -32,6 +33,7 @@ from softjax import payload
 from softjax import pilot
 from softjax import soft
 from softjax import sparsifiers
+from softjax import sweep as sweep_lib
 from softjax import tsfa
 from softjax import wireless
 from softjax.data import partition as partition_lib
@@ -47,17 +49,30 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclasses.dataclass
-class FederatedSetup:
-  """Everything a run needs that does not change between rounds."""
+class SharedSetup:
+  """What every member of a run shares: data, backbone, model, method. Built once."""
   apply_fn: Callable
   frozen: Any  # backbone params without the head, device-resident
-  init_state: federated.ServerState
+  head: Any  # the initial head (zero-initialised, seed-independent)
   data: federated.FederatedData
   test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
   sparsifier: sparsifiers.Sparsifier
   head_params: int
+  vit_config: vit.ViTConfig
+  layer_dims: list[tuple[int, int]]  # (d_in, d_out) of every adapted matrix
+  image_shape: tuple[int, int, int]
+  pilot_spectrum: Callable[[], np.ndarray]  # the offline stage's pilot option (lazy)
+
+
+@dataclasses.dataclass
+class Member:
+  """One setting of a run (a run without a sweep has exactly one)."""
+  config: ml_collections.ConfigDict
+  setting: dict[str, Any]  # the swept values ({} without a sweep)
+  init_state: federated.ServerState
   uplink: UplinkPlan
   controller: controller_lib.LatencyController  # its queue is run state: run() restores it
+  root_key: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +111,7 @@ def load_federated_data(config: ml_collections.ConfigDict):
       len(dataset.train_labels), config.data.pretrain_fraction)
   config_lib.validate_against_data(config, num_classes=dataset.num_classes,
                                    num_federated=len(federated_idx))
-  rng = np.random.default_rng([config.seed, HOST_STREAM_PARTITION])
+  rng = np.random.default_rng([config_lib.partition_seed(config), HOST_STREAM_PARTITION])
   clients = partition_lib.partition(
       dataset.train_labels[federated_idx], config.fl.num_clients, config.data.partition, rng=rng,
       shards_per_client=config.data.shards_per_client,
@@ -191,8 +206,8 @@ def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_sh
       clients_per_round=config.fl.clients_per_round)
 
 
-def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
-  """Host-side preparation, run once per experiment."""
+def build_shared(config: ml_collections.ConfigDict) -> SharedSetup:
+  """Host-side preparation shared by every member, run once per experiment."""
   dataset, pretrain_idx, federated_idx, clients = load_federated_data(config)
   native = dataset.train_images.shape[1:]
   side = config.data.image_size or native[0]
@@ -202,14 +217,13 @@ def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
   reference = _make_model(config, vit_config, config.lora.rank)
   params = backbone_lib.load_backbone(config, reference, dataset, pretrain_idx, image_shape)
   frozen, head = lora_lib.split_head(params)
-  lora_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   table = partition_lib.pad_client_indices(clients)
   data = federated.FederatedData(
       images=jax.device_put(dataset.train_images[federated_idx]),
       labels=jax.device_put(dataset.train_labels[federated_idx].astype(np.int32)),
       table=jax.device_put(table.indices), counts=jax.device_put(table.counts))
-  head_params = sum(int(np.size(x)) for x in jax.tree.leaves(head))
   frozen = jax.device_put(frozen)
+  lora_key = jax.random.key(0)  # shapes only, and the pilot gradient (taken at B = 0)
 
   def pilot_spectrum():
     lora = lora_lib.init_lora(reference, lora_key, image_shape)
@@ -220,18 +234,47 @@ def build_setup(config: ml_collections.ConfigDict) -> FederatedSetup:
     return pilot.pooled_singular_values(grads)
 
   ref_shapes = jax.eval_shape(lambda: lora_lib.init_lora(reference, lora_key, image_shape))
-  layer_dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(ref_shapes)]
-  uplink = plan_uplink(config, vit_config, layer_dims, head_params, pilot_spectrum)
-  model = _make_model(config, vit_config, uplink.rank)
-  lora = lora_lib.init_lora(model, lora_key, image_shape)
-  sparsifier = make_sparsifier(config.method)
-  state = federated.init_state(lora, head, config.fl.num_clients, sparsifier.error_feedback)
-  return FederatedSetup(
-      apply_fn=make_apply_fn(model), frozen=frozen,
-      init_state=jax.device_put(state), data=data,
+  return SharedSetup(
+      apply_fn=None, frozen=frozen, head=head, data=data,
       test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
-      sparsifier=sparsifier, head_params=head_params, uplink=uplink,
-      controller=make_controller(config, uplink, lora, head_params))
+      sparsifier=make_sparsifier(config.method),
+      head_params=sum(int(np.size(x)) for x in jax.tree.leaves(head)),
+      vit_config=vit_config,
+      layer_dims=[(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(ref_shapes)],
+      image_shape=image_shape, pilot_spectrum=pilot_spectrum)
+
+
+def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
+                 setting: dict[str, Any]) -> tuple[Member, vit.VisionTransformer]:
+  """The member's uplink plan (and rank), initial state and controller."""
+  uplink = plan_uplink(config, shared.vit_config, shared.layer_dims, shared.head_params,
+                       shared.pilot_spectrum)
+  model = _make_model(config, shared.vit_config, uplink.rank)
+  lora = lora_lib.init_lora(model, jax.random.fold_in(jax.random.key(config.seed), 1),
+                            shared.image_shape)
+  state = federated.init_state(lora, shared.head, config.fl.num_clients,
+                               shared.sparsifier.error_feedback)
+  member = Member(config=config, setting=setting, init_state=jax.device_put(state),
+                  uplink=uplink,
+                  controller=make_controller(config, uplink, lora, shared.head_params),
+                  root_key=jax.random.fold_in(jax.random.key(config.seed), 2))
+  return member, model
+
+
+def build_setup(config: ml_collections.ConfigDict) -> tuple[SharedSetup, list[Member]]:
+  """The shared setup and one Member per sweep setting (one without a sweep)."""
+  configs = sweep_lib.member_configs(config) if sweep_lib.is_sweep(config) else [config]
+  settings = sweep_lib.settings(config)
+  shared = build_shared(configs[0])
+  members, models = zip(*(build_member(c, shared, s) for c, s in zip(configs, settings)))
+  ranks = sorted({m.uplink.rank for m in members})
+  if len(ranks) > 1:
+    raise config_lib.ConfigError(
+        "sweep", sweep_lib.swept_values(config),
+        f"gives members different ranks {ranks} (the TSFA offline stage depends on the seed "
+        "through the channel); a sweep needs one rank: sweep fewer fields or use osfa")
+  shared.apply_fn = make_apply_fn(models[0])
+  return shared, list(members)
 
 
 def make_sparsifier(method: ml_collections.ConfigDict) -> sparsifiers.Sparsifier:
@@ -257,7 +300,7 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
   """(state, host record, completed rounds) from the newest checkpoint, or the initial state."""
   step = ckpt.latest_step()
   if step is None:
-    return init_state, {"cum_uplink_bits": 0}, 0
+    return init_state, {}, 0
   tree, host = ckpt.restore(step, _state_to_tree(init_state))
   conflicts = config_lib.resume_conflicts(host["config"], config)
   saved_rounds = host["config"]["fl"]["rounds"]
@@ -274,129 +317,205 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
   return _tree_to_state(tree), host, step
 
 
-class RoundRunner:
-  """The jitted round and evaluation of one experiment, with a recompile counter."""
+def stack_trees(trees):
+  """Stacks pytrees on a new leading axis (the sweep axis)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
-  def __init__(self, config: ml_collections.ConfigDict, setup: FederatedSetup):
+
+def member_slice(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+class RoundRunner:
+  """The jitted round and evaluation of one experiment, with a recompile counter.
+
+  With S > 1 members the round, the evaluation and the scores are vmapped over a leading
+  member axis of the state, the client ids, the keys and the hyperparameters; the backbone and
+  the data are broadcast, not copied.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, shared: SharedSetup,
+               members: list[Member]):
     fl = config.fl
     self.traces = 0
     round_fn = federated.make_round(
-        setup.apply_fn, optimizer=fl.client_optimizer, local_steps=fl.local_steps,
+        shared.apply_fn, optimizer=fl.client_optimizer, local_steps=fl.local_steps,
         batch_size=fl.batch_size, client_parallelism=fl.client_parallelism,
-        sparsifier=setup.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
-        head_params=setup.head_params)
+        sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
+        head_params=shared.head_params)
+    eval_fn = federated.make_eval(shared.apply_fn, config.eval.batch_size)
+    scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
+                              for p in soft.factor_pairs(lora)[0]]
+    self.swept = len(members) > 1
+    if self.swept:
+      round_fn = jax.vmap(round_fn, in_axes=(0, None, None, 0, 0, 0))
+      eval_fn = jax.vmap(eval_fn, in_axes=(None, 0, None, None, None))
+      scores_fn = jax.vmap(scores_fn)
 
     def counted_round(*args):
       self.traces += 1  # runs once per trace, not per call: the recompile guard
       return round_fn(*args)
 
     self.round = jax.jit(counted_round, donate_argnums=0)
-    self.eval = jax.jit(federated.make_eval(setup.apply_fn, config.eval.batch_size))
-    self.scores = jax.jit(lambda lora: [soft.component_scores(p["B"], p["A"])
-                                        for p in soft.factor_pairs(lora)[0]])
-    self.root_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    self.setup = setup
-    self.config = config
+    self.eval = jax.jit(eval_fn)
+    self.scores = jax.jit(scores_fn)
+    self.root_keys = (jnp.stack([m.root_key for m in members]) if self.swept
+                      else members[0].root_key)
+    self.shared, self.members, self.config = shared, members, config
+
+  def initial_state(self) -> federated.ServerState:
+    states = [m.init_state for m in self.members]
+    return stack_trees(states) if self.swept else states[0]
+
+  def _slice(self, tree, i: int):
+    return member_slice(tree, i) if self.swept else tree
 
   def run_round(self, state: federated.ServerState, t: int):
-    """Round t (0-based) -> (new state, metrics row without evaluation).
+    """Round t (0-based) -> (new state, one metrics row per member, without evaluation).
 
-    The controller decides (O_t, b_t) from the channel of round t and the global factors'
-    scores, the jitted round trains, uploads and reports each client's latency, and the
-    realized round latency (the slowest client) feeds the virtual queue.
+    Each member's controller decides (O_t, b_t) from the channel of round t and its global
+    factors' scores; the jitted round trains, uploads and reports each client's latency; the
+    realized round latency (the slowest client) feeds that member's queue.
     """
-    config, fl = self.config, self.config.fl
-    controller = self.setup.controller
     tick = time.time()
-    clients = federated.sample_clients(config.seed, t, fl.num_clients, fl.clients_per_round)
-    scores = None
-    if controller.mode != "fixed":
-      scores = [np.asarray(s) for s in self.scores(state.trainable.lora)]
-    plan = controller.plan(t, clients, scores)
-    lr = federated.client_lr_at(t, fl.rounds, fl.client_lr, fl.lr_schedule,
-                                fl.lr_final_fraction)
-    hparams = federated.make_hparams(lr, config.method.zeta, plan.keep_ratio, plan.uplink)
-    state, m = self.round(state, self.setup.frozen, self.setup.data, clients, self.root_key,
-                          hparams)
-    loss = float(m.train_loss)
-    latency = float(np.max(np.asarray(m.client_latency_s)))
-    orth = np.asarray(m.orth_residual)
-    row = {"round": t + 1, "train_loss": loss, "client_lr": lr,
-           "uplink_bits": int(np.sum(np.asarray(m.client_bits, np.int64))),
-           "keep_ratio": plan.keep_ratio, "kept_components": plan.m,
-           "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s,
-           "queue": controller.observe(latency), "solver": plan.solver,
-           "solver_time_s": plan.solver_time_s, "fallbacks": plan.fallbacks,
-           "dropped_energy": float(m.dropped_energy),
-           "cov_term": float(m.cov_term), "orth_residual_B": float(orth[0]),
-           "orth_residual_A": float(orth[1]), "round_time_s": time.time() - tick}
-    return state, row
+    need_scores = any(m.controller.mode != "fixed" for m in self.members)
+    scores = self.scores(state.trainable.lora) if need_scores else None
+    clients, plans, lrs, hparams = [], [], [], []
+    for i, member in enumerate(self.members):
+      c, fl = member.config, member.config.fl
+      ids = federated.sample_clients(c.seed, t, fl.num_clients, fl.clients_per_round)
+      member_scores = None
+      if member.controller.mode != "fixed":
+        member_scores = [np.asarray(s[i] if self.swept else s) for s in scores]
+      plan = member.controller.plan(t, ids, member_scores)
+      lr = federated.client_lr_at(t, fl.rounds, fl.client_lr, fl.lr_schedule,
+                                  fl.lr_final_fraction)
+      clients.append(ids)
+      plans.append(plan)
+      lrs.append(lr)
+      hparams.append(federated.make_hparams(lr, c.method.zeta, plan.keep_ratio, plan.uplink))
+    if self.swept:
+      state, m = self.round(state, self.shared.frozen, self.shared.data, np.stack(clients),
+                            self.root_keys, stack_trees(hparams))
+    else:
+      state, m = self.round(state, self.shared.frozen, self.shared.data, clients[0],
+                            self.root_keys, hparams[0])
+    m = jax.tree.map(np.asarray, m)
+    elapsed = time.time() - tick
+    rows = []
+    for i, (member, plan, lr) in enumerate(zip(self.members, plans, lrs)):
+      mi = self._slice(m, i)
+      latency = float(np.max(mi.client_latency_s))
+      row = {"round": t + 1}
+      if self.swept:
+        row.update(member=i, **{f"sweep.{k}": v for k, v in member.setting.items()})
+      row.update({
+          "train_loss": float(mi.train_loss), "client_lr": lr,
+          "uplink_bits": int(np.sum(mi.client_bits.astype(np.int64))),
+          "keep_ratio": plan.keep_ratio, "kept_components": plan.m,
+          "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s,
+          "queue": member.controller.observe(latency), "solver": plan.solver,
+          "solver_time_s": plan.solver_time_s, "fallbacks": plan.fallbacks,
+          "dropped_energy": float(mi.dropped_energy), "cov_term": float(mi.cov_term),
+          "orth_residual_B": float(mi.orth_residual[0]),
+          "orth_residual_A": float(mi.orth_residual[1]), "round_time_s": elapsed})
+      rows.append(row)
+    return state, rows
 
-  def evaluate(self, state: federated.ServerState) -> dict[str, float]:
+  def evaluate(self, state: federated.ServerState) -> list[dict[str, float]]:
+    """Test accuracy of every member's global model."""
     tick = time.time()
-    correct, count = self.eval(self.setup.frozen, state.trainable, *self.setup.test)
-    return {"test_accuracy": float(correct) / float(count), "eval_time_s": time.time() - tick}
+    correct, count = self.eval(self.shared.frozen, state.trainable, *self.shared.test)
+    correct, count = np.atleast_1d(np.asarray(correct)), np.atleast_1d(np.asarray(count))
+    elapsed = time.time() - tick
+    return [{"test_accuracy": float(c) / float(n), "eval_time_s": elapsed}
+            for c, n in zip(correct, count)]
 
 
-def _host_record(config: ml_collections.ConfigDict, cum_bits: int,
-                 controller: controller_lib.LatencyController) -> dict[str, Any]:
+def _host_record(config: ml_collections.ConfigDict, cum_bits: list[int],
+                 members: list[Member]) -> dict[str, Any]:
   return {"config": json.loads(config.to_json_best_effort()), "cum_uplink_bits": cum_bits,
-          "controller": controller.state_dict()}
+          "controllers": [m.controller.state_dict() for m in members]}
+
+
+def _member_summary(member: Member, rows: list[dict[str, Any]], cum_bits: int
+                    ) -> dict[str, Any]:
+  evaluated = [r for r in rows if "test_accuracy" in r]
+  return {"setting": member.setting,
+          "final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+          "cum_uplink_bits": cum_bits, "rank": member.uplink.rank,
+          "latency_budget_s": member.uplink.tbar_s,
+          "offline": (dataclasses.asdict(member.uplink.offline) if member.uplink.offline
+                      else None),
+          "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if rows else None,
+          "max_queue": max((r["queue"] for r in rows), default=None), "rows": rows}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         on_round_end: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) a federated experiment; writes config.json, metrics.jsonl, checkpoints.
 
+  A config with a sweep block runs all its settings as one vmapped program (softjax/sweep.py);
+  metrics.jsonl then holds one row per member and round, tagged with `member` and the swept
+  values.
+
   Args:
     config: a ConfigDict from configs/ (validated here).
     workdir: output directory; a checkpoint in it is resumed.
-    on_round_end: called with the completed round number after its row and checkpoint are
+    on_round_end: called with the completed round number after its rows and checkpoint are
       written (tests use it to interrupt a run at a known point).
 
   Returns:
     A summary dict: final_accuracy, rounds, cum_uplink_bits, wall_time_s, round_traces, rows,
     lora_template (shapes of the LoRA tree), rank (the offline stage's under tsfa),
-    latency_budget_s (Tbar), offline (the tsfa plan or None), mean_latency_s, max_queue.
+    latency_budget_s (Tbar), offline (the tsfa plan or None), mean_latency_s, max_queue. For a
+    sweep, `members` holds that dict (and `setting`) per member, and the top level only
+    rounds, wall_time_s, round_traces, rows and lora_template.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  setup = build_setup(config)
-  runner = RoundRunner(config, setup)
+  shared, members = build_setup(config)
+  runner = RoundRunner(config, shared, members)
   # Shapes only: the state's buffers are donated to the first round.
   lora_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                               setup.init_state.trainable.lora)
+                               members[0].init_state.trainable.lora)
   ckpt = checkpointing.RunCheckpointer(os.path.join(workdir, "checkpoints"),
                                        every=config.checkpoint.every, keep=config.checkpoint.keep)
   try:
-    state, host, done = restore_or_init(ckpt, config, setup.init_state)
+    state, host, done = restore_or_init(ckpt, config, runner.initial_state())
   except Exception:
     ckpt.close()
     raise
+  for member, saved in zip(members, host.get("controllers", [])):
+    member.controller.load_state_dict(saved)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
-  cum_bits = int(host["cum_uplink_bits"])
-  if "controller" in host:
-    setup.controller.load_state_dict(host["controller"])
+  cum_bits = list(host.get("cum_uplink_bits", [0] * len(members)))
   rounds, loop_start = config.fl.rounds, time.time()
   try:
     for t in range(done, rounds):
-      state, row = runner.run_round(state, t)
-      if not np.isfinite(row["train_loss"]):
-        raise NonFiniteLossError(
-            f"round {t + 1}: training loss is {row['train_loss']}; the last good checkpoint in "
-            f"{ckpt.directory} is kept. Lower fl.client_lr (now {config.fl.client_lr}).")
-      cum_bits += row["uplink_bits"]
-      row["cum_uplink_bits"] = cum_bits
+      state, rows = runner.run_round(state, t)
+      for i, row in enumerate(rows):
+        if not np.isfinite(row["train_loss"]):
+          where = f" (sweep member {i}: {members[i].setting})" if runner.swept else ""
+          raise NonFiniteLossError(
+              f"round {t + 1}{where}: training loss is {row['train_loss']}; the last good "
+              f"checkpoint in {ckpt.directory} is kept. Lower fl.client_lr "
+              f"(now {members[i].config.fl.client_lr}).")
+        cum_bits[i] += row["uplink_bits"]
+        row["cum_uplink_bits"] = cum_bits[i]
       if (t + 1) % config.eval.every == 0 or t + 1 == rounds:
-        row.update(runner.evaluate(state))
-      writer.write(row)
+        for row, result in zip(rows, runner.evaluate(state)):
+          row.update(result)
+      for row in rows:
+        writer.write(row)
       rate = (t + 1 - done) / max(time.time() - loop_start, 1e-9)
-      print(metrics_lib.progress_line(row, rounds, rate), flush=True)
+      line = metrics_lib.progress_line(rows[0], rounds, rate)
+      print(line + (f" | member 1 of {len(rows)}" if runner.swept else ""), flush=True)
       if ckpt.should_save(t + 1, rounds):
-        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits, setup.controller))
+        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits, members))
       if on_round_end is not None:
         on_round_end(t + 1)
   finally:
@@ -404,16 +523,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt.close()
 
   rows = writer.rows
-  evaluated = [r for r in rows if "test_accuracy" in r]
-  summary = {"final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
-             "rounds": rounds, "cum_uplink_bits": cum_bits,
-             "wall_time_s": time.time() - start, "round_traces": runner.traces, "rows": rows,
-             "lora_template": lora_template, "rank": setup.uplink.rank,
-             "latency_budget_s": setup.uplink.tbar_s,
-             "offline": dataclasses.asdict(setup.uplink.offline) if setup.uplink.offline else None,
-             "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if rows else None,
-             "max_queue": max((r["queue"] for r in rows), default=None)}
-  print(metrics_lib.summary_table(rows), flush=True)
-  print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "
-        f"{cum_bits / 8e6:.2f} MB | wall time {summary['wall_time_s']:.1f} s", flush=True)
+  per_member = [_member_summary(m, [r for r in rows if r.get("member", 0) == i], cum_bits[i])
+                for i, m in enumerate(members)]
+  common = {"rounds": rounds, "wall_time_s": time.time() - start,
+            "round_traces": runner.traces, "rows": rows, "lora_template": lora_template}
+  if runner.swept:
+    summary = {**common, "members": per_member}
+    for m in per_member:
+      print(f"member {m['setting']}: final test accuracy {m['final_accuracy']:.4f} | uplink "
+            f"{m['cum_uplink_bits'] / 8e6:.2f} MB", flush=True)
+    print(f"{len(members)} members in one program | wall time {common['wall_time_s']:.1f} s",
+          flush=True)
+  else:
+    summary = {**per_member[0], **common}
+    del summary["setting"]
+    print(metrics_lib.summary_table(rows), flush=True)
+    print(f"final test accuracy {summary['final_accuracy']:.4f} | uplink "
+          f"{summary['cum_uplink_bits'] / 8e6:.2f} MB | wall time {summary['wall_time_s']:.1f} s",
+          flush=True)
   return summary
