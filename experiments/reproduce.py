@@ -2,7 +2,9 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
   python -m experiments.reproduce --experiment=e1 --scale=cpu --out=results/e1
   python -m experiments.reproduce --experiment=e2 --scale=cpu --out=results/e2
+  python -m experiments.reproduce --experiment=e3 --scale=cpu --out=results/e3
   python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
+  python -m experiments.reproduce --experiment=e5 --scale=cpu --out=results/e5
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run under --out, so an interrupted driver resumes every run where it stopped),
@@ -25,7 +27,7 @@ from experiments import compression_cost
 from softjax import experiment
 from softjax import plots
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["e1", "e2", "e4"],
+_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["e1", "e2", "e3", "e4", "e5"],
                                 "Which experiment to run.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper", "test"],
                            "cpu: minutes on a CPU; paper: an accelerator; test: seconds.")
@@ -98,13 +100,17 @@ E4_EVAL_EVERY = {"cpu": 4, "paper": 5, "test": 1}  # finer than the default, to 
 E4_TARGET_FRACTION = 0.97  # [choice] default target: this share of dense's best accuracy
 
 
-def _tsfa_run(out: str, name: str, arg: str, rank_candidates=None):
-  """One configs/tsfa.py run in DIR/name (resumed if it is there)."""
-  config = tsfa_config.get_config(arg)
-  if rank_candidates:
-    config.unlock()
-    config.controller.rank_candidates = ",".join(str(r) for r in rank_candidates)
-    config.lock()
+def _tsfa_run(out: str, name: str, arg: str, **overrides):
+  """One configs/tsfa.py run in DIR/name (resumed if it is there).
+
+  `overrides` set config fields the `:arg` syntax cannot carry (comma lists), written
+  `section__field=value`.
+  """
+  config = tsfa_config.get_config(arg).unlock()
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  config.lock()
   return experiment.run(config, os.path.join(out, name))
 
 
@@ -116,7 +122,8 @@ def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[di
   for controller, rank in runs:
     arg = f"controller={controller},{common_arg}" + (f",rank={rank}" if rank else "")
     # TSFA compares exactly the ranks OSFA runs at.
-    summary = _tsfa_run(out, f"{controller}_r{rank}" if rank else controller, arg, ranks)
+    summary = _tsfa_run(out, f"{controller}_r{rank}" if rank else controller, arg,
+                        controller__rank_candidates=",".join(str(r) for r in ranks))
     rows = summary["rows"]
     records.append({
         "method": controller, "rank": summary["rank"],
@@ -196,6 +203,75 @@ def e4_table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+E3_SHARDS = {"cpu": (1, 2, 5, 20, 0), "paper": (1, 2, 5, 20, 0), "test": (1, 0)}  # 0 = iid
+E5_GRID = {"cpu": ((0.0, 0.1, 1.0), (0.1, 1.0, 10.0)), "paper": ((0.0, 0.1, 1.0),
+                                                                  (0.1, 1.0, 10.0)),
+           "test": ((0.0, 0.5), (0.5, 4.0))}  # (zeta values, V values)
+
+
+def _last_mean(rows: list[dict[str, Any]], key: str, n: int = 20) -> float:
+  tail = rows[-n:]
+  return float(sum(r[key] for r in tail) / len(tail))
+
+
+def run_e3(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str, Any]]:
+  """E3: SOFT's covariance term and accuracy vs non-IID severity, no communication limit
+  (O = 1 on an equal split: every component is sent, so only separate B / A averaging errs)."""
+  records = []
+  for shards in E3_SHARDS[scale]:
+    arg = (f"controller=fixed,keep_ratio=1.0,scale={scale},rounds={rounds},"
+           f"checkpoint={checkpoint}")
+    partition = {"data__partition": "iid"} if shards == 0 else {
+        "data__partition": "shards", "data__shards_per_client": shards}
+    summary = _tsfa_run(out, f"shards{shards}" if shards else "iid", arg, **partition)
+    rows = summary["rows"]
+    records.append({"shards_per_client": shards or "iid",
+                    "final_accuracy": summary["final_accuracy"],
+                    "mean_cov_term": _last_mean(rows, "cov_term"),
+                    "cov_term": [r["cov_term"] for r in rows], "curve": _curve(rows)})
+  return records
+
+
+def e3_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| shards per client | final accuracy | cov_term (mean of last 20 rounds) |",
+           "|---|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['shards_per_client']} | {r['final_accuracy']:.4f} | "
+                 f"{r['mean_cov_term']:.4g} |")
+  return "\n".join(lines) + "\n"
+
+
+def run_e5(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str, Any]]:
+  """E5: zeta x V under SOFT + TSFA, all settings as ONE vmapped sweep."""
+  zetas, vs = E5_GRID[scale]
+  summary = _tsfa_run(out, "grid", f"controller=tsfa,scale={scale},rounds={rounds},"
+                      f"checkpoint={checkpoint}",
+                      sweep__zeta=",".join(map(str, zetas)), sweep__V=",".join(map(str, vs)))
+  records = []
+  for m in summary["members"]:
+    records.append({"zeta": m["setting"]["zeta"], "V": m["setting"]["V"], "rank": m["rank"],
+                    "final_accuracy": m["final_accuracy"],
+                    "mean_latency_s": m["mean_latency_s"],
+                    "latency_budget_s": m["latency_budget_s"],
+                    "latency_over_budget": m["mean_latency_s"] / m["latency_budget_s"],
+                    "max_queue": m["max_queue"], "cum_uplink_bits": m["cum_uplink_bits"],
+                    "mean_keep_ratio": float(sum(r["keep_ratio"] for r in m["rows"])
+                                             / len(m["rows"]))})
+  print(f"E5: {len(records)} settings in one program, {summary['round_traces']} trace(s), "
+        f"{summary['wall_time_s']:.0f} s", flush=True)
+  return records
+
+
+def e5_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| zeta | V | final accuracy | mean latency / budget | max queue | mean O | "
+           "uplink (MB) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['zeta']:g} | {r['V']:g} | {r['final_accuracy']:.4f} | "
+                 f"{r['latency_over_budget']:.3f} | {r['max_queue']:.2f} | "
+                 f"{r['mean_keep_ratio']:.3f} | {r['cum_uplink_bits'] / 8e6:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   common.quiet_libraries()
@@ -208,6 +284,16 @@ def main(argv):
     table = e1_table(records)
     plots.accuracy_curves(records, os.path.join(out, "e1_accuracy.png"),
                           title=f"E1: keep ratio {E1_KEEP_RATIO}")
+  elif name == "e3":
+    records = common.exit_on_user_error(run_e3, *args)
+    table = e3_table(records)
+    plots.covariance_vs_severity(records, os.path.join(out, "e3_covariance.png"),
+                                 title="E3: covariance term vs non-IID severity (O = 1)")
+  elif name == "e5":
+    records = common.exit_on_user_error(run_e5, *args)
+    table = e5_table(records)
+    plots.heatmaps(records, "zeta", "V", ("final_accuracy", "latency_over_budget"),
+                   os.path.join(out, "e5_grid.png"), title="E5: zeta x V, one vmapped sweep")
   elif name == "e2":
     ranks = [int(r) for r in _RANKS.value] or list(E2_RANKS)
     records = common.exit_on_user_error(run_e2, *args, ranks)

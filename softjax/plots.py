@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on machines and CI runs without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -93,3 +94,49 @@ def accuracy_vs_bits_with_target(records: Sequence[dict[str, Any]], target: floa
   ax.set_ylabel("test accuracy")
   ax.legend(fontsize=8)
   _finish(fig, (ax,), title, path)
+
+
+def covariance_vs_severity(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E3: the covariance term per round for each partition, and final accuracy per partition.
+
+  Records hold `shards_per_client` (an int or "iid"), `cov_term` (per round) and
+  `final_accuracy`.
+  """
+  fig, (cov, acc) = plt.subplots(1, 2, figsize=(11, 4))
+  labels = [str(r["shards_per_client"]) for r in records]
+  for i, r in enumerate(records):
+    cov.plot(range(1, len(r["cov_term"]) + 1), r["cov_term"], color=f"C{i}",
+             label=f"shards/client {labels[i]}")
+  cov.set_xlabel("round")
+  cov.set_ylabel("cov_term")
+  cov.set_yscale("log")
+  cov.legend(fontsize=8)
+  acc.bar(labels, [r["final_accuracy"] for r in records], color=[f"C{i}" for i in
+                                                                 range(len(records))])
+  acc.set_xlabel("shards per client (fewer = more skewed)")
+  acc.set_ylabel("final test accuracy")
+  acc.set_ylim(min(r["final_accuracy"] for r in records) - 0.05, None)
+  _finish(fig, (cov, acc), title, path)
+
+
+def heatmaps(records: Sequence[dict[str, Any]], row_key: str, col_key: str,
+             value_keys: Sequence[str], path: str, title: str = "") -> None:
+  """One annotated heat map per value over the (row_key x col_key) grid of the records."""
+  rows = sorted({r[row_key] for r in records})
+  cols = sorted({r[col_key] for r in records})
+  fig, axes = plt.subplots(1, len(value_keys), figsize=(5.5 * len(value_keys), 4))
+  axes = list(np.atleast_1d(axes))
+  for ax, key in zip(axes, value_keys):
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for r in records:
+      grid[rows.index(r[row_key]), cols.index(r[col_key])] = r[key]
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+      ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w", fontsize=9)
+    ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
+    ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows])
+    ax.set_xlabel(col_key)
+    ax.set_ylabel(row_key)
+    ax.set_title(key)
+    fig.colorbar(image, ax=ax)
+  _finish(fig, [], title, path)

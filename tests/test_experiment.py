@@ -318,3 +318,25 @@ def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
       100 * (1 - tsfa_record["bits_to_target"] / dense["bits_to_target"]))
   assert tsfa_record["saving_percent"] > 0  # a budget of half the dense latency sends less
   assert os.path.getsize(os.path.join(out, "e4_bits.png")) > 10_000
+
+
+def test_e3_driver_reports_covariance_per_partition(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e3"), "e3", "--rounds=2")
+  records = json.load(open(os.path.join(out, "e3.json")))
+  assert [r["shards_per_client"] for r in records] == [1, "iid"]
+  for r in records:
+    assert len(r["cov_term"]) == 2 and r["mean_cov_term"] > 0
+    assert r["curve"]["cum_uplink_bits"][-1] > 0
+  assert os.path.getsize(os.path.join(out, "e3_covariance.png")) > 10_000
+
+
+def test_e5_driver_runs_the_grid_as_one_sweep(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e5"), "e5", "--rounds=2")
+  records = json.load(open(os.path.join(out, "e5.json")))
+  assert [(r["zeta"], r["V"]) for r in records] == [(0.0, 0.5), (0.0, 4.0), (0.5, 0.5),
+                                                     (0.5, 4.0)]
+  rows = metrics_lib.read_rows(os.path.join(out, "grid", "metrics.jsonl"))
+  assert len(rows) == 2 * 4  # one workdir, one row per member and round
+  for r in records:
+    assert r["latency_over_budget"] == pytest.approx(r["mean_latency_s"] / r["latency_budget_s"])
+  assert os.path.getsize(os.path.join(out, "e5_grid.png")) > 10_000
