@@ -147,6 +147,27 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load(spec: str, root: str | None = None) -> ml_collections.ConfigDict:
+  """The config a launcher's `--config=FILE.py:arg` would give, for notebooks and scripts.
+
+  Args:
+    spec: `path/to/config.py` or `path/to/config.py:arg`, relative to `root`.
+    root: the directory relative paths start from (default: the repository of this package).
+  """
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  full = path if os.path.isabs(path) else os.path.join(root, path)
+  if not os.path.exists(full):
+    raise FileNotFoundError(f"config file {full} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(full))[0], full)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses a config-file argument `key=value,flag` into a ConfigDict of typed values.
 

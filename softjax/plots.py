@@ -140,3 +140,23 @@ def heatmaps(records: Sequence[dict[str, Any]], row_key: str, col_key: str,
     ax.set_title(key)
     fig.colorbar(image, ax=ax)
   _finish(fig, [], title, path)
+
+
+def run_overview(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """One run's metrics.jsonl rows: accuracy vs round and vs uplink, latency and queue vs round."""
+  evaluated = [r for r in rows if "test_accuracy" in r]
+  fig, (acc, by_bits, latency) = plt.subplots(1, 3, figsize=(14, 3.8))
+  acc.plot([r["round"] for r in evaluated], [r["test_accuracy"] for r in evaluated], "o-")
+  acc.set_xlabel("round")
+  acc.set_ylabel("test accuracy")
+  by_bits.plot([r["cum_uplink_bits"] / 8e6 for r in evaluated],
+               [r["test_accuracy"] for r in evaluated], "o-")
+  by_bits.set_xlabel("cumulative uplink (MB)")
+  by_bits.set_ylabel("test accuracy")
+  latency.plot([r["round"] for r in rows], [r["latency_s"] for r in rows], label="latency (s)")
+  latency.set_xlabel("round")
+  latency.set_ylabel("round latency (s)")
+  queue = latency.twinx()
+  queue.plot([r["round"] for r in rows], [r["queue"] for r in rows], color="C1", label="queue")
+  queue.set_ylabel("virtual queue Q", color="C1")
+  _finish(fig, (acc, by_bits, latency), title, path)
