@@ -5,6 +5,8 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
   python -m experiments.reproduce --experiment=e3 --scale=cpu --out=results/e3
   python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
   python -m experiments.reproduce --experiment=e5 --scale=cpu --out=results/e5
+  python -m experiments.reproduce --experiment=e6 --scale=cpu --out=results/e6
+  python -m experiments.reproduce --experiment=all --scale=cpu --out=results  # + report.md
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run under --out, so an interrupted driver resumes every run where it stopped),
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import app
@@ -27,8 +30,9 @@ from experiments import compression_cost
 from softjax import experiment
 from softjax import plots
 
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, ["e1", "e2", "e3", "e4", "e5"],
-                                "Which experiment to run.")
+ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6")
+_EXPERIMENT = flags.DEFINE_enum("experiment", None, list(ALL_EXPERIMENTS) + ["all"],
+                                "Which experiment to run (all: E1-E6 and DIR/report.md).")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper", "test"],
                            "cpu: minutes on a CPU; paper: an accelerator; test: seconds.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -272,44 +276,124 @@ def e5_table(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv):
-  del argv
-  common.quiet_libraries()
-  out = _OUT.value
+# E6 conditions: config overrides of the wireless section on top of SOFT + TSFA [choice of
+# severities: 20 dB bursts a quarter of the time, 30 % gain error, 20 % lost uploads].
+E6_CONDITIONS = {
+    "perfect": {},
+    "bursty": {"wireless__fading": "bursty"},
+    "csi_error_0.3": {"wireless__csi_error": 0.3},
+    "dropout_0.2": {"wireless__dropout": 0.2},
+}
+
+
+def run_e6(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str, Any]]:
+  """E6: SOFT + TSFA under bursty deep fades, imperfect CSI and lost uploads vs perfect CSI."""
+  records = []
+  for name, overrides in E6_CONDITIONS.items():
+    summary = _tsfa_run(out, name, f"controller=tsfa,scale={scale},rounds={rounds},"
+                        f"checkpoint={checkpoint}", **overrides)
+    rows = summary["rows"]
+    records.append({"condition": name, "final_accuracy": summary["final_accuracy"],
+                    "mean_latency_s": summary["mean_latency_s"],
+                    "latency_budget_s": summary["latency_budget_s"],
+                    "latency_over_budget": summary["mean_latency_s"] / summary["latency_budget_s"],
+                    "max_queue": summary["max_queue"], "final_queue": rows[-1]["queue"],
+                    "fallbacks": sum(r["fallbacks"] for r in rows),
+                    "cum_uplink_bits": summary["cum_uplink_bits"],
+                    "queue": [r["queue"] for r in rows], "curve": _curve(rows)})
+  base = records[0]["final_accuracy"]
+  for r in records:
+    r["accuracy_vs_perfect"] = r["final_accuracy"] - base
+  return records
+
+
+def e6_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| condition | final accuracy | vs perfect CSI | mean latency / budget | max queue | "
+           "final queue | fallbacks | uplink (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['condition']} | {r['final_accuracy']:.4f} | "
+                 f"{r['accuracy_vs_perfect']:+.4f} | {r['latency_over_budget']:.3f} | "
+                 f"{r['max_queue']:.2f} | {r['final_queue']:.2f} | {r['fallbacks']} | "
+                 f"{r['cum_uplink_bits'] / 8e6:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
+                   ) -> tuple[str, str]:
+  """Runs experiment `name` into `out`: writes <name>.json, <name>.md and its plot.
+
+  Returns:
+    (markdown table, plot file name).
+  """
   os.makedirs(out, exist_ok=True)
-  name, scale = _EXPERIMENT.value, _SCALE.value
-  args = (out, scale, _ROUNDS.value, _CHECKPOINT.value)
+  args = (out, scale, rounds, checkpoint)
   if name == "e1":
-    records = common.exit_on_user_error(run_e1, *args)
-    table = e1_table(records)
-    plots.accuracy_curves(records, os.path.join(out, "e1_accuracy.png"),
+    records = run_e1(*args)
+    table, plot = e1_table(records), "e1_accuracy.png"
+    plots.accuracy_curves(records, os.path.join(out, plot),
                           title=f"E1: keep ratio {E1_KEEP_RATIO}")
-  elif name == "e3":
-    records = common.exit_on_user_error(run_e3, *args)
-    table = e3_table(records)
-    plots.covariance_vs_severity(records, os.path.join(out, "e3_covariance.png"),
-                                 title="E3: covariance term vs non-IID severity (O = 1)")
-  elif name == "e5":
-    records = common.exit_on_user_error(run_e5, *args)
-    table = e5_table(records)
-    plots.heatmaps(records, "zeta", "V", ("final_accuracy", "latency_over_budget"),
-                   os.path.join(out, "e5_grid.png"), title="E5: zeta x V, one vmapped sweep")
   elif name == "e2":
     ranks = [int(r) for r in _RANKS.value] or list(E2_RANKS)
-    records = common.exit_on_user_error(run_e2, *args, ranks)
-    table = e2_table(records)
-    plots.accuracy_vs_rank(records, os.path.join(out, "e2_rank.png"),
+    records = run_e2(*args, ranks)
+    table, plot = e2_table(records), "e2_rank.png"
+    plots.accuracy_vs_rank(records, os.path.join(out, plot),
                            title="E2: OSFA at fixed ranks vs TSFA")
-  else:
-    records, target = common.exit_on_user_error(run_e4, *args, _TARGET.value)
-    table = e4_table(records)
-    plots.accuracy_vs_bits_with_target(records, target, os.path.join(out, "e4_bits.png"),
+  elif name == "e3":
+    records = run_e3(*args)
+    table, plot = e3_table(records), "e3_covariance.png"
+    plots.covariance_vs_severity(records, os.path.join(out, plot),
+                                 title="E3: covariance term vs non-IID severity (O = 1)")
+  elif name == "e4":
+    records, target = run_e4(*args, _TARGET.value)
+    table, plot = e4_table(records), "e4_bits.png"
+    plots.accuracy_vs_bits_with_target(records, target, os.path.join(out, plot),
                                        title="E4: uplink to a target accuracy")
+  elif name == "e5":
+    records = run_e5(*args)
+    table, plot = e5_table(records), "e5_grid.png"
+    plots.heatmaps(records, "zeta", "V", ("final_accuracy", "latency_over_budget"),
+                   os.path.join(out, plot), title="E5: zeta x V, one vmapped sweep")
+  elif name == "e6":
+    records = run_e6(*args)
+    table, plot = e6_table(records), "e6_robustness.png"
+    plots.queues_and_accuracy(records, "condition", os.path.join(out, plot),
+                              title="E6: SOFT + TSFA under channel and client impairments")
+  else:
+    raise ValueError(f"unknown experiment {name!r}")
   with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(records, f, indent=1)
   with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write(f"# {name.upper()} ({scale} scale)\n\n" + table)
-  print(table)
+  return table, plot
+
+
+def run_all(out: str, scale: str, rounds: int, checkpoint: str) -> str:
+  """E1-E6, each in DIR/eN, then DIR/report.md with every table and plot and the wall times."""
+  sections = [f"# softjax reproduction report ({scale} scale)\n",
+              "Written by `python -m experiments.reproduce --experiment=all "
+              f"--scale={scale}`. Each section's runs are in its own directory; a re-run resumes "
+              "them. See docs/results.md for the reading against the paper.\n"]
+  for name in ALL_EXPERIMENTS:
+    start = time.time()
+    table, plot = run_experiment(name, os.path.join(out, name), scale, rounds, checkpoint)
+    sections.append(f"## {name.upper()}\n\n{table}\n![{name}]({name}/{plot})\n\n"
+                    f"({time.time() - start:.0f} s wall, including runs resumed from an "
+                    "earlier invocation)\n")
+  report = "\n".join(sections)
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(report)
+  return report
+
+
+def main(argv):
+  del argv
+  common.quiet_libraries()
+  name, out = _EXPERIMENT.value, _OUT.value
+  args = (out, _SCALE.value, _ROUNDS.value, _CHECKPOINT.value)
+  if name == "all":
+    print(common.exit_on_user_error(run_all, *args))
+  else:
+    print(common.exit_on_user_error(run_experiment, name, *args)[0])
 
 
 if __name__ == "__main__":

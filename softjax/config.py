@@ -108,6 +108,13 @@ def base_config() -> ml_collections.ConfigDict:
   # the paper's setting, and a budget of half the dense latency is feasible. See docs/algorithm.md.
   c.wireless.device_gflops_min = 2000.0
   c.wireless.device_gflops_max = 6000.0
+  # Robustness (E6, beyond the paper; all off by default).
+  c.wireless.fading = "rayleigh"  # rayleigh (independent per round) | bursty (Gilbert-Elliott)
+  c.wireless.burst_p_bad = 0.1  # bursty: good -> bad per round
+  c.wireless.burst_p_good = 0.3  # bursty: bad -> good per round
+  c.wireless.burst_depth_db = 20.0  # bursty: extra attenuation in the bad state
+  c.wireless.csi_error = 0.0  # the controller plans with g_hat = g (1 + eps), eps ~ N(0, this^2)
+  c.wireless.dropout = 0.0  # probability that a sampled client's upload is lost mid-round
   c.wireless.budget_s = 0.0  # Tbar in seconds; 0 = budget_fraction x the dense reference latency
   c.wireless.budget_fraction = 0.5  # Tbar / (dense upload latency, mean channel, equal split)
   c.wireless.budget_reference = "expected_max"  # expected_max (over sampled sets) | worst client
@@ -334,12 +341,25 @@ def _validate_wireless(w: ml_collections.ConfigDict) -> None:
   _check(isinstance(w.budget_s, (int, float)) and w.budget_s >= 0, "wireless.budget_s",
          w.budget_s, "must be >= 0 (0 = use wireless.budget_fraction)")
   _check_positive("wireless.budget_fraction", w.budget_fraction)
+  _check_choice("wireless.fading", w.fading, FADING_MODELS)
+  for name in ("burst_p_bad", "burst_p_good"):
+    _check(isinstance(w[name], (int, float)) and 0 <= w[name] <= 1, f"wireless.{name}",
+           w[name], "must be in [0, 1]")
+  _check(w.burst_p_bad + w.burst_p_good > 0, "wireless.burst_p_good", w.burst_p_good,
+         "must be > 0 when wireless.burst_p_bad is 0")
+  _check(isinstance(w.burst_depth_db, (int, float)) and w.burst_depth_db >= 0,
+         "wireless.burst_depth_db", w.burst_depth_db, "must be >= 0")
+  _check(isinstance(w.csi_error, (int, float)) and w.csi_error >= 0, "wireless.csi_error",
+         w.csi_error, "must be >= 0 (0 = perfect CSI)")
+  _check(isinstance(w.dropout, (int, float)) and 0 <= w.dropout < 1, "wireless.dropout",
+         w.dropout, "must be in [0, 1)")
   _check_choice("wireless.budget_reference", w.budget_reference,
                 wireless.DENSE_BUDGET_REFERENCES)
   _check_int("wireless.reference_rank", w.reference_rank, 0, what=" (0 = lora.rank)")
 
 
 CONTROLLERS = ("fixed", "osfa", "tsfa")
+FADING_MODELS = ("rayleigh", "bursty")
 SPECTRA = ("power_law", "pilot")
 
 

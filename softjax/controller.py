@@ -33,6 +33,16 @@ class Link:
   channel: wireless.ChannelConfig
   beta: np.ndarray  # [N] large-scale gains
   speeds: np.ndarray  # [N] device FLOP/s
+  attenuation: np.ndarray | None = None  # [T, N] extra power gain per round (bursty fading)
+  csi_error: float = 0.0  # the controller sees g (1 + eps), eps ~ N(0, csi_error^2)
+  dropout: float = 0.0  # probability that a sampled client's upload is lost
+
+  def gains(self, seed: int, t: int) -> np.ndarray:
+    """[N] true small-scale power gains of round t: Rayleigh, times the burst attenuation."""
+    g = wireless.fading(len(self.beta), seed, t)
+    if self.attenuation is not None:
+      g = g * self.attenuation[min(t, len(self.attenuation) - 1)]
+    return g
 
   def compute_s(self, fl: ml_collections.ConfigDict, flops_per_example: float) -> np.ndarray:
     """[N] local training times c_k of one round (E steps of b examples)."""
@@ -51,10 +61,16 @@ def channel_config(w: ml_collections.ConfigDict) -> wireless.ChannelConfig:
 
 def make_link(config: ml_collections.ConfigDict) -> Link:
   """Places the N clients, draws their shadowing and device speeds (once per run)."""
-  cfg = channel_config(config.wireless)
+  w = config.wireless
+  cfg = channel_config(w)
   n = config.fl.num_clients
   beta = wireless.large_scale_gain(wireless.place_clients(n, cfg, config.seed), cfg, config.seed)
-  return Link(cfg, beta, wireless.device_speeds(n, cfg, config.seed))
+  attenuation = None
+  if w.fading == "bursty":
+    bad = wireless.burst_states(n, config.fl.rounds, config.seed, w.burst_p_bad, w.burst_p_good)
+    attenuation = np.where(bad, 10.0 ** (-w.burst_depth_db / 10.0), 1.0)
+  return Link(cfg, beta, wireless.device_speeds(n, cfg, config.seed), attenuation,
+              float(w.csi_error), float(w.dropout))
 
 
 def latency_budget_s(w: ml_collections.ConfigDict, link: Link, dense_bits: float, compute_s,
@@ -82,16 +98,18 @@ class RoundPlan:
   keep_ratio: float
   m: int
   bandwidth_hz: np.ndarray  # [K]
-  snr_coeff: np.ndarray  # [K]
+  snr_coeff: np.ndarray  # [K] true SNR coefficients (the round's realized latency uses them)
   compute_s: np.ndarray  # [K]
-  predicted_latency_s: float
+  received: np.ndarray  # [K] 1.0 = upload arrives, 0.0 = lost mid-round (dropout)
+  predicted_latency_s: float  # with the gains the controller saw (imperfect under CSI error)
   solver: str  # cvx | numpy | equal (the fallback, or the fixed controller's split)
   solver_time_s: float
   fallbacks: int
 
   @property
-  def uplink(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return self.bandwidth_hz, self.snr_coeff, self.compute_s
+  def uplink(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(bandwidth_hz, snr_coeff, compute_s, received): federated.Uplink's fields."""
+    return self.bandwidth_hz, self.snr_coeff, self.compute_s, self.received
 
 
 class LatencyController:
@@ -156,8 +174,12 @@ class LatencyController:
       scores_per_layer: the global factors' component scores (Phi's input); None before any.
     """
     clients = np.asarray(clients)
-    g = wireless.fading(len(self.link.beta), self.seed, t)[clients]
-    a = wireless.snr_coefficient_hz(self.link.beta[clients], g, self.link.channel)
+    g = self.link.gains(self.seed, t)
+    seen = wireless.csi_estimate(g, self.link.csi_error, self.seed, t)
+    beta = self.link.beta[clients]
+    a_true = wireless.snr_coefficient_hz(beta, g[clients], self.link.channel)
+    a = wireless.snr_coefficient_hz(beta, seen[clients], self.link.channel)  # what P3 sees
+    received = ~wireless.dropouts(len(self.link.beta), self.link.dropout, self.seed, t)[clients]
     compute = self.compute_s[clients]
     total_bw = self.link.channel.bandwidth_hz
     tick = time.perf_counter()
@@ -183,7 +205,8 @@ class LatencyController:
     elapsed = time.perf_counter() - tick
     self.fallbacks += decision.fallbacks
     return RoundPlan(keep_ratio=keep, m=decision.m, bandwidth_hz=decision.bandwidth_hz,
-                     snr_coeff=a, compute_s=compute, predicted_latency_s=decision.tau_s,
+                     snr_coeff=a_true, compute_s=compute,
+                     received=received.astype(np.float64), predicted_latency_s=decision.tau_s,
                      solver=decision.solver, solver_time_s=elapsed,
                      fallbacks=decision.fallbacks)
 

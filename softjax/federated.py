@@ -60,6 +60,7 @@ class Uplink(NamedTuple):
   bandwidth_hz: jax.Array  # float32 [K], FDMA share b_k
   snr_coeff: jax.Array  # float32 [K], a_k = p beta_k g_k / N0 in Hz
   compute_s: jax.Array  # float32 [K], local training time c_k
+  received: jax.Array  # float32 [K], 1 = the upload arrives, 0 = lost mid-round (E6 dropouts)
 
 
 class RoundHparams(NamedTuple):
@@ -72,8 +73,10 @@ class RoundHparams(NamedTuple):
 
 def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0,
                  uplink: tuple | None = None) -> RoundHparams:
-  """RoundHparams from host values; `uplink` is (bandwidth_hz, snr_coeff, compute_s), each [K]."""
+  """RoundHparams from host values; `uplink` is (bandwidth_hz, snr_coeff, compute_s[,
+  received]), each [K] (received defaults to all ones)."""
   if uplink is not None:
+    uplink = tuple(uplink) + ((np.ones(np.shape(uplink[0])),) if len(uplink) == 3 else ())
     uplink = Uplink(*(jnp.asarray(x, jnp.float32) for x in uplink))
   return RoundHparams(client_lr=jnp.float32(client_lr), zeta=jnp.float32(zeta),
                       keep_ratio=jnp.float32(keep_ratio), uplink=uplink)
@@ -170,9 +173,11 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
 
 
 def aggregation_weights(counts: jax.Array) -> jax.Array:
-  """p_k = n_k / sum_{j in S_t} n_j (ALGORITHM.md section 3). counts: [K] -> [K]."""
+  """p_k = n_k / sum_{j in S_t} n_j (ALGORITHM.md section 3). counts: [K] -> [K]; all zeros
+  (every upload lost) gives zero weights, so the global model stays as it is."""
   counts = counts.astype(jnp.float32)
-  return counts / counts.sum()
+  total = counts.sum()
+  return counts / jnp.where(total > 0, total, 1.0)
 
 
 def covariance_diagnostic(global_lora: PyTree, sent: PyTree, weights: jax.Array) -> jax.Array:
@@ -237,16 +242,28 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
 
     uploads, head_deltas, losses = jax.lax.map(one_client, (client_ids, keys, residuals),
                                                batch_size=client_parallelism)
-    weights = aggregation_weights(data.counts[client_ids])
+    received = (jnp.ones(client_ids.shape, jnp.float32) if hparams.uplink is None
+                else hparams.uplink.received)
+    # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
+    weights = aggregation_weights(data.counts[client_ids] * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
     new_residuals = state.residuals
     if method.error_feedback:
+      # A client whose upload was lost keeps all of U (what it sent, and what it held back).
+      kept = jax.tree.map(lambda r, s: r + _per_client(1.0 - received, s) * s,
+                          uploads.residual, uploads.sent)
       new_residuals = jax.tree.map(lambda all_r, r: all_r.at[client_ids].set(r),
-                                   state.residuals, uploads.residual)
+                                   state.residuals, kept)
     bits = value_bits * (uploads.values + head_params) + uploads.index_bits
-    latency = (jnp.zeros(bits.shape, jnp.float32) if hparams.uplink is None else
-               wireless.client_latencies_s(bits, *hparams.uplink, xp=jnp))
+    if hparams.uplink is None:
+      latency = jnp.zeros(bits.shape, jnp.float32)
+    else:
+      # The server waits for the uploads that arrive; a lost one does not hold the round.
+      link = hparams.uplink
+      latency = received * wireless.client_latencies_s(
+          bits, link.bandwidth_hz, link.snr_coeff, link.compute_s, xp=jnp)
+      bits = (bits * received).astype(bits.dtype)  # delivered bits
     cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
            else jnp.zeros((), jnp.float32))
     metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses,
@@ -257,6 +274,11 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
     return new_state, metrics
 
   return round_fn
+
+
+def _per_client(values: jax.Array, like: jax.Array) -> jax.Array:
+  """[K] values shaped to broadcast against a [K, ...] array."""
+  return values.reshape(values.shape + (1,) * (like.ndim - 1))
 
 
 def make_eval(apply_fn: ApplyFn, batch_size: int):

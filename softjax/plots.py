@@ -160,3 +160,20 @@ def run_overview(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> 
   queue.plot([r["round"] for r in rows], [r["queue"] for r in rows], color="C1", label="queue")
   queue.set_ylabel("virtual queue Q", color="C1")
   _finish(fig, (acc, by_bits, latency), title, path)
+
+
+def queues_and_accuracy(records: Sequence[dict[str, Any]], label_key: str, path: str,
+                        title: str = "") -> None:
+  """E6: each record's virtual queue over the rounds, and its final accuracy."""
+  fig, (queue, acc) = plt.subplots(1, 2, figsize=(11, 4))
+  labels = [str(r[label_key]) for r in records]
+  for i, r in enumerate(records):
+    queue.plot(range(1, len(r["queue"]) + 1), r["queue"], color=f"C{i}", label=labels[i])
+  queue.set_xlabel("round")
+  queue.set_ylabel("virtual queue Q")
+  queue.legend(fontsize=8)
+  acc.bar(labels, [r["final_accuracy"] for r in records],
+          color=[f"C{i}" for i in range(len(records))])
+  acc.set_ylabel("final test accuracy")
+  acc.set_ylim(min(r["final_accuracy"] for r in records) - 0.05, None)
+  _finish(fig, (queue, acc), title, path)

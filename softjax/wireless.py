@@ -26,6 +26,9 @@ STREAM_PLACEMENT = 10
 STREAM_FADING = 11
 STREAM_SHADOWING = 12
 STREAM_DEVICE_SPEED = 13
+STREAM_BURSTS = 14
+STREAM_CSI = 15
+STREAM_DROPOUT = 16
 
 DENSE_BUDGET_REFERENCES = ("expected_max", "worst")
 
@@ -186,6 +189,72 @@ def fading(num_clients: int, seed: int, round_index: int) -> np.ndarray:
   """
   rng = np.random.default_rng([seed, STREAM_FADING, round_index])
   return rng.exponential(1.0, size=num_clients)
+
+
+def burst_states(num_clients: int, rounds: int, seed: int, p_bad: float, p_good: float
+                 ) -> np.ndarray:
+  """Gilbert-Elliott bursts (E6): which clients are in the bad state in each round.
+
+  Each client runs its own two-state Markov chain: good -> bad with probability p_bad per
+  round, bad -> good with p_good, starting from the stationary law (bad with probability
+  p_bad / (p_bad + p_good)). A client in the bad state sees its channel attenuated (see
+  `burst_attenuation`), so deep fades last several rounds instead of being independent.
+
+  Args:
+    num_clients: N.
+    rounds: T (states for rounds 0..T-1).
+    seed: the run seed; the stream is `default_rng([seed, 14])`.
+    p_bad, p_good: transition probabilities in [0, 1] (not both 0).
+
+  Returns:
+    bool [T, N], True = bad.
+
+  References: ALGORITHM.md section 8, E6 (beyond the paper).
+  """
+  rng = np.random.default_rng([seed, STREAM_BURSTS])
+  uniforms = rng.random((rounds, num_clients))
+  bad = np.empty((rounds, num_clients), bool)
+  state = uniforms[0] < p_bad / (p_bad + p_good)
+  for t in range(rounds):
+    if t:
+      state = np.where(state, uniforms[t] >= p_good, uniforms[t] < p_bad)
+    bad[t] = state
+  return bad
+
+
+def csi_estimate(g, error_std: float, seed: int, round_index: int) -> np.ndarray:
+  """Imperfect CSI (E6): the gain the server plans with, `g_hat = g (1 + eps)`.
+
+  eps ~ N(0, error_std^2) per client and round, clipped to [-0.9, inf) so the estimate stays
+  positive [choice]. The controller solves P3 with g_hat; the round's realized latency uses g.
+
+  Args:
+    g: [N] true power gains of the round (all clients).
+    error_std: standard deviation of eps; 0 returns g.
+    seed: the run seed; the stream is `default_rng([seed, 15, t])`.
+    round_index: t.
+
+  References: ALGORITHM.md section 8, E6.
+  """
+  g = np.asarray(g, np.float64)
+  if error_std == 0:
+    return g
+  eps = np.random.default_rng([seed, STREAM_CSI, round_index]).normal(0.0, error_std, g.shape)
+  return g * (1.0 + np.maximum(eps, -0.9))
+
+
+def dropouts(num_clients: int, probability: float, seed: int, round_index: int) -> np.ndarray:
+  """Clients whose upload is lost in round t (E6): bool [N], True = dropped.
+
+  Drawn for all N clients from `default_rng([seed, 16, t])`, independently with the given
+  probability, so a client's fate does not depend on who else was sampled.
+
+  References: ALGORITHM.md section 8, E6.
+  """
+  if probability == 0:
+    return np.zeros(num_clients, bool)
+  return np.random.default_rng([seed, STREAM_DROPOUT, round_index]).random(num_clients) < (
+      probability)
 
 
 def snr_coefficient_hz(beta, g, cfg: ChannelConfig) -> np.ndarray:

@@ -131,7 +131,8 @@ def test_long_run_meets_the_latency_budget_with_a_bounded_queue():
   for t in range(rounds):
     plan = ctrl.plan(t, federated.sample_clients(0, t, N, K), scores)
     assert plan.fallbacks == 0
-    tau = wireless.round_latency_s(np.full(K, _bits_at(plan.keep_ratio)), *plan.uplink)
+    tau = wireless.round_latency_s(np.full(K, _bits_at(plan.keep_ratio)), plan.bandwidth_hz,
+                                   plan.snr_coeff, plan.compute_s)
     queues.append(ctrl.observe(tau))
     taus.append(tau)
     kept.append(plan.m)
