@@ -118,6 +118,20 @@ def _tsfa_run(out: str, name: str, arg: str, **overrides):
   return experiment.run(config, os.path.join(out, name))
 
 
+def _controlled_run_record(summary: dict[str, Any]) -> dict[str, Any]:
+  """What E2, E5 and E6 report of a run (or a sweep member) under a latency budget."""
+  rows = summary["rows"]
+  return {"rank": summary["rank"], "final_accuracy": summary["final_accuracy"],
+          "mean_latency_s": summary["mean_latency_s"],
+          "latency_budget_s": summary["latency_budget_s"],
+          "latency_over_budget": summary["mean_latency_s"] / summary["latency_budget_s"],
+          "max_queue": summary["max_queue"], "final_queue": rows[-1]["queue"],
+          "cum_uplink_bits": summary["cum_uplink_bits"],
+          "mean_keep_ratio": float(sum(r["keep_ratio"] for r in rows) / len(rows)),
+          "fallbacks": sum(r["fallbacks"] for r in rows),
+          "queue": [r["queue"] for r in rows], "curve": _curve(rows)}
+
+
 def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[dict[str, Any]]:
   """E2: OSFA at every fixed rank vs TSFA (rank from the offline stage), one budget for all."""
   common_arg = f"scale={scale},rounds={rounds},checkpoint={checkpoint}"
@@ -128,17 +142,8 @@ def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[di
     # TSFA compares exactly the ranks OSFA runs at.
     summary = _tsfa_run(out, f"{controller}_r{rank}" if rank else controller, arg,
                         controller__rank_candidates=",".join(str(r) for r in ranks))
-    rows = summary["rows"]
-    records.append({
-        "method": controller, "rank": summary["rank"],
-        "final_accuracy": summary["final_accuracy"],
-        "mean_latency_s": summary["mean_latency_s"],
-        "latency_budget_s": summary["latency_budget_s"], "max_queue": summary["max_queue"],
-        "cum_uplink_bits": summary["cum_uplink_bits"],
-        "mean_keep_ratio": float(sum(r["keep_ratio"] for r in rows) / len(rows)),
-        "fallbacks": sum(r["fallbacks"] for r in rows),
-        "offline": summary["offline"], "queue": [r["queue"] for r in rows],
-        "curve": _curve(rows)})
+    records.append({"method": controller, **_controlled_run_record(summary),
+                    "offline": summary["offline"]})
   rbar = next(r["rank"] for r in records if r["method"] == "tsfa")
   for r in records:
     r["is_rbar"] = r["rank"] == rbar
@@ -253,14 +258,8 @@ def run_e5(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str,
                       sweep__zeta=",".join(map(str, zetas)), sweep__V=",".join(map(str, vs)))
   records = []
   for m in summary["members"]:
-    records.append({"zeta": m["setting"]["zeta"], "V": m["setting"]["V"], "rank": m["rank"],
-                    "final_accuracy": m["final_accuracy"],
-                    "mean_latency_s": m["mean_latency_s"],
-                    "latency_budget_s": m["latency_budget_s"],
-                    "latency_over_budget": m["mean_latency_s"] / m["latency_budget_s"],
-                    "max_queue": m["max_queue"], "cum_uplink_bits": m["cum_uplink_bits"],
-                    "mean_keep_ratio": float(sum(r["keep_ratio"] for r in m["rows"])
-                                             / len(m["rows"]))})
+    records.append({"zeta": m["setting"]["zeta"], "V": m["setting"]["V"],
+                    **_controlled_run_record(m)})
   print(f"E5: {len(records)} settings in one program, {summary['round_traces']} trace(s), "
         f"{summary['wall_time_s']:.0f} s", flush=True)
   return records
@@ -292,15 +291,7 @@ def run_e6(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str,
   for name, overrides in E6_CONDITIONS.items():
     summary = _tsfa_run(out, name, f"controller=tsfa,scale={scale},rounds={rounds},"
                         f"checkpoint={checkpoint}", **overrides)
-    rows = summary["rows"]
-    records.append({"condition": name, "final_accuracy": summary["final_accuracy"],
-                    "mean_latency_s": summary["mean_latency_s"],
-                    "latency_budget_s": summary["latency_budget_s"],
-                    "latency_over_budget": summary["mean_latency_s"] / summary["latency_budget_s"],
-                    "max_queue": summary["max_queue"], "final_queue": rows[-1]["queue"],
-                    "fallbacks": sum(r["fallbacks"] for r in rows),
-                    "cum_uplink_bits": summary["cum_uplink_bits"],
-                    "queue": [r["queue"] for r in rows], "curve": _curve(rows)})
+    records.append({"condition": name, **_controlled_run_record(summary)})
   base = records[0]["final_accuracy"]
   for r in records:
     r["accuracy_vs_perfect"] = r["final_accuracy"] - base
