@@ -189,7 +189,8 @@ class LatencyController:
       tau, bandwidth = tsfa.equal_split_latency(bits, a, compute, total_bw)
       decision = tsfa.P3Decision(_kept(keep, self.rank), bandwidth, tau, 0.0, "equal", 0)
     elif self.mode == "tsfa" and t == 0:  # O_0 is given; only the split is optimized
-      keep = float(self.first_keep_ratio)
+      # O_0 = mbar / r may be 0 (nothing fits the budget); a client still sends m = 1.
+      keep = _kept(float(self.first_keep_ratio), self.rank) / self.rank
       decision = tsfa.solve_with_fallback([_kept(keep, self.rank)], lambda _: 0.0, 0.0, 0.0,
                                           self.tbar_s, self._bits, a, compute,
                                           total_bw_hz=total_bw, cvx_problem=self._cvx,

@@ -235,7 +235,8 @@ def build_shared(config: ml_collections.ConfigDict) -> SharedSetup:
 
   ref_shapes = jax.eval_shape(lambda: lora_lib.init_lora(reference, lora_key, image_shape))
   return SharedSetup(
-      apply_fn=None, frozen=frozen, head=head, data=data,
+      apply_fn=None,  # set by build_setup once the members' rank is known
+      frozen=frozen, head=head, data=data,
       test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
       sparsifier=make_sparsifier(config.method),
       head_params=sum(int(np.size(x)) for x in jax.tree.leaves(head)),
