@@ -428,9 +428,15 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str,
 
 
 def resume_conflicts(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
-  """Fields whose value differs from the checkpointed run's, except RESUMABLE_FIELDS."""
+  """Fields whose value differs from the checkpointed run's, except RESUMABLE_FIELDS.
+
+  A field the checkpoint does not have (it was added to softjax after the run started) is not a
+  conflict while it holds its default: every new field's default keeps the earlier behaviour.
+  """
   now = flat_items(current)
   before = flat_items(saved)
+  defaults = flat_items(base_config())
   keys = sorted(set(now) | set(before))
   return [f"{k}: checkpoint has {before.get(k)!r}, command has {now.get(k)!r}" for k in keys
-          if k not in RESUMABLE_FIELDS and before.get(k) != now.get(k)]
+          if k not in RESUMABLE_FIELDS and before.get(k) != now.get(k)
+          and not (k not in before and k in defaults and now.get(k) == defaults[k])]

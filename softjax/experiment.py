@@ -442,14 +442,17 @@ def _host_record(config: ml_collections.ConfigDict, cum_bits: list[int],
 def _member_summary(member: Member, rows: list[dict[str, Any]], cum_bits: int
                     ) -> dict[str, Any]:
   evaluated = [r for r in rows if "test_accuracy" in r]
+  latencies = [r["latency_s"] for r in rows if "latency_s" in r]
   return {"setting": member.setting,
           "final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
           "cum_uplink_bits": cum_bits, "rank": member.uplink.rank,
           "latency_budget_s": member.uplink.tbar_s,
           "offline": (dataclasses.asdict(member.uplink.offline) if member.uplink.offline
                       else None),
-          "mean_latency_s": float(np.mean([r["latency_s"] for r in rows])) if rows else None,
-          "max_queue": max((r["queue"] for r in rows), default=None), "rows": rows}
+          # Rows written before latency was simulated (older runs resumed) have none.
+          "mean_latency_s": float(np.mean(latencies)) if latencies else None,
+          "max_queue": max((r["queue"] for r in rows if "queue" in r), default=None),
+          "rows": rows}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -493,7 +496,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
-  cum_bits = list(host.get("cum_uplink_bits", [0] * len(members)))
+  cum_bits = host.get("cum_uplink_bits", [0] * len(members))
+  cum_bits = list(cum_bits) if isinstance(cum_bits, list) else [cum_bits]  # older: one int
   rounds, loop_start = config.fl.rounds, time.time()
   try:
     for t in range(done, rounds):

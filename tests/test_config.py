@@ -134,3 +134,14 @@ def test_resume_conflicts_ignore_resumable_fields():
   current.lora.rank = 2
   conflicts = config_lib.resume_conflicts(saved.to_dict(), current)
   assert conflicts == ["lora.rank: checkpoint has 4, command has 2"]
+
+
+def test_fields_newer_than_a_checkpoint_conflict_only_when_changed():
+  saved = config_lib.base_config().to_dict()
+  del saved["wireless"]["csi_error"]  # a run checkpointed before the field existed
+  del saved["sweep"]
+  current = config_lib.base_config()
+  assert config_lib.resume_conflicts(saved, current) == []
+  current.wireless.csi_error = 0.3
+  assert config_lib.resume_conflicts(saved, current) == [
+      "wireless.csi_error: checkpoint has None, command has 0.3"]
