@@ -1,5 +1,7 @@
 """What every launcher in experiments/ shares."""
 
+import json
+
 from absl import flags
 from absl import logging
 
@@ -27,3 +29,10 @@ def exit_on_user_error(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except user_errors() as e:
     raise SystemExit(f"error: {e}") from None
+
+
+def write_json(path: str | None, obj) -> None:
+  """Writes obj as indented JSON to path (nothing when path is None or empty)."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=1)

@@ -6,10 +6,11 @@ ranks 4, 8, 16, 64; the ratio slora / soft is measured in one process on one mac
   python -m experiments.compression_benchmark --out=/tmp/compression.json
 """
 
-import json
 
 from absl import app
 from absl import flags
+
+from experiments import common
 
 from experiments import compression_cost
 
@@ -27,9 +28,7 @@ def main(argv):
   for r in records:
     print(f"rank {r['rank']:3d}: soft {r['soft_s'] * 1e3:8.2f} ms | slora "
           f"{r['slora_s'] * 1e3:8.2f} ms | slora/soft {r['slora_over_soft']:7.1f}x")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(records, f, indent=2)
+  common.write_json(_OUT.value, records)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ then writes `DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<ex
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -89,14 +88,28 @@ def _compression_times(lora_template, rank: int) -> dict[str, float]:
               if m != "dense" else 0.0) for m in E1_METHODS}
 
 
+def markdown_table(columns, records) -> str:
+  """A markdown table: `columns` are (header, format function of a record); numbers right."""
+  head = "| " + " | ".join(h for h, _ in columns) + " |"
+  rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+  body = ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in records]
+  return "\n".join([head, rule] + body) + "\n"
+
+
+def _mb(key: str):
+  return lambda r: "-" if r[key] is None else f"{r[key] / 8e6:.2f}"
+
+
+def _num(key: str, fmt: str):
+  return lambda r: "-" if r[key] is None else format(r[key], fmt)
+
+
 def e1_table(records: list[dict[str, Any]]) -> str:
-  lines = ["| method | rank | O | final accuracy | uplink (MB) | client compress (ms) |",
-           "|---|---:|---:|---:|---:|---:|"]
-  for r in records:
-    lines.append(f"| {r['method']} | {r['rank']} | {r['keep_ratio']:.2f} | "
-                 f"{r['final_accuracy']:.4f} | {r['cum_uplink_bits'] / 8e6:.2f} | "
-                 f"{r['client_compress_time_s'] * 1e3:.3f} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("method", lambda r: r["method"]), ("rank", _num("rank", "d")),
+      ("O", _num("keep_ratio", ".2f")), ("final accuracy", _num("final_accuracy", ".4f")),
+      ("uplink (MB)", _mb("cum_uplink_bits")),
+      ("client compress (ms)", lambda r: f"{r['client_compress_time_s'] * 1e3:.3f}")], records)
 
 
 E2_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -151,15 +164,16 @@ def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[di
 
 
 def e2_table(records: list[dict[str, Any]]) -> str:
-  lines = ["| method | rank | final accuracy | mean latency (s) | budget (s) | mean / budget | "
-           "max queue | mean O | uplink (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in records:
-    mark = " (rbar)" if r["is_rbar"] else ""
-    lines.append(f"| {r['method']} | {r['rank']}{mark} | {r['final_accuracy']:.4f} | "
-                 f"{r['mean_latency_s']:.4f} | {r['latency_budget_s']:.4f} | "
-                 f"{r['mean_latency_s'] / r['latency_budget_s']:.3f} | {r['max_queue']:.2f} | "
-                 f"{r['mean_keep_ratio']:.3f} | {r['cum_uplink_bits'] / 8e6:.2f} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("method", lambda r: r["method"]),
+      ("rank", lambda r: f"{r['rank']}" + (" (rbar)" if r["is_rbar"] else "")),
+      ("final accuracy", _num("final_accuracy", ".4f")),
+      ("mean latency (s)", _num("mean_latency_s", ".4f")),
+      ("budget (s)", _num("latency_budget_s", ".4f")),
+      ("mean / budget", _num("latency_over_budget", ".3f")),
+      ("max queue", _num("max_queue", ".2f")), ("final queue", _num("final_queue", ".2f")),
+      ("mean O", _num("mean_keep_ratio", ".3f")), ("uplink (MB)", _mb("cum_uplink_bits"))],
+      records)
 
 
 def first_reaching(curve: dict[str, list], target: float) -> tuple[int | None, int | None]:
@@ -185,11 +199,8 @@ def run_e4(out: str, scale: str, rounds: int, checkpoint: str, target: float
   records = []
   for name, s in summaries.items():
     t, bits = first_reaching(curves[name], target)
-    records.append({"method": name, "rank": s["rank"], "target_accuracy": target,
-                    "rounds_to_target": t, "bits_to_target": bits,
-                    "final_accuracy": s["final_accuracy"], "cum_uplink_bits": s["cum_uplink_bits"],
-                    "mean_latency_s": s["mean_latency_s"],
-                    "latency_budget_s": s["latency_budget_s"], "curve": curves[name]})
+    records.append({"method": name, **_controlled_run_record(s), "target_accuracy": target,
+                    "rounds_to_target": t, "bits_to_target": bits})
   dense_bits = records[0]["bits_to_target"]
   for r in records:
     r["saving_percent"] = (100.0 * (1.0 - r["bits_to_target"] / dense_bits)
@@ -198,18 +209,16 @@ def run_e4(out: str, scale: str, rounds: int, checkpoint: str, target: float
 
 
 def e4_table(records: list[dict[str, Any]]) -> str:
-  fmt = lambda x, f: "not reached" if x is None else format(x, f)  # noqa: E731
-  lines = ["| method | rank | target | rounds to target | MB to target | saving vs dense | "
-           "final accuracy | total MB | mean latency / budget |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in records:
-    mb = None if r["bits_to_target"] is None else r["bits_to_target"] / 8e6
-    saving = "-" if r["saving_percent"] is None else f"{r['saving_percent']:.1f} %"
-    lines.append(f"| {r['method']} | {r['rank']} | {r['target_accuracy']:.4f} | "
-                 f"{fmt(r['rounds_to_target'], 'd')} | {fmt(mb, '.2f')} | {saving} | "
-                 f"{r['final_accuracy']:.4f} | {r['cum_uplink_bits'] / 8e6:.2f} | "
-                 f"{r['mean_latency_s'] / r['latency_budget_s']:.3f} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("method", lambda r: r["method"]), ("rank", _num("rank", "d")),
+      ("target", _num("target_accuracy", ".4f")),
+      ("rounds to target", lambda r: "not reached" if r["rounds_to_target"] is None
+       else str(r["rounds_to_target"])),
+      ("MB to target", _mb("bits_to_target")),
+      ("saving vs dense", lambda r: "-" if r["saving_percent"] is None
+       else f"{r['saving_percent']:.1f} %"),
+      ("final accuracy", _num("final_accuracy", ".4f")), ("total MB", _mb("cum_uplink_bits")),
+      ("mean latency / budget", _num("latency_over_budget", ".3f"))], records)
 
 
 E3_SHARDS = {"cpu": (1, 2, 5, 20, 0), "paper": (1, 2, 5, 20, 0), "test": (1, 0)}  # 0 = iid
@@ -242,12 +251,10 @@ def run_e3(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str,
 
 
 def e3_table(records: list[dict[str, Any]]) -> str:
-  lines = ["| shards per client | final accuracy | cov_term (mean of last 20 rounds) |",
-           "|---|---:|---:|"]
-  for r in records:
-    lines.append(f"| {r['shards_per_client']} | {r['final_accuracy']:.4f} | "
-                 f"{r['mean_cov_term']:.4g} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("shards per client", lambda r: str(r["shards_per_client"])),
+      ("final accuracy", _num("final_accuracy", ".4f")),
+      ("cov_term (mean of last 20 rounds)", _num("mean_cov_term", ".4g"))], records)
 
 
 def run_e5(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str, Any]]:
@@ -266,13 +273,12 @@ def run_e5(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str,
 
 
 def e5_table(records: list[dict[str, Any]]) -> str:
-  lines = ["| zeta | V | final accuracy | mean latency / budget | max queue | mean O | "
-           "uplink (MB) |", "|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in records:
-    lines.append(f"| {r['zeta']:g} | {r['V']:g} | {r['final_accuracy']:.4f} | "
-                 f"{r['latency_over_budget']:.3f} | {r['max_queue']:.2f} | "
-                 f"{r['mean_keep_ratio']:.3f} | {r['cum_uplink_bits'] / 8e6:.2f} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("zeta", _num("zeta", "g")), ("V", _num("V", "g")),
+      ("final accuracy", _num("final_accuracy", ".4f")),
+      ("mean latency / budget", _num("latency_over_budget", ".3f")),
+      ("max queue", _num("max_queue", ".2f")), ("mean O", _num("mean_keep_ratio", ".3f")),
+      ("uplink (MB)", _mb("cum_uplink_bits"))], records)
 
 
 # E6 conditions: config overrides of the wireless section on top of SOFT + TSFA [choice of
@@ -299,14 +305,13 @@ def run_e6(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str,
 
 
 def e6_table(records: list[dict[str, Any]]) -> str:
-  lines = ["| condition | final accuracy | vs perfect CSI | mean latency / budget | max queue | "
-           "final queue | fallbacks | uplink (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in records:
-    lines.append(f"| {r['condition']} | {r['final_accuracy']:.4f} | "
-                 f"{r['accuracy_vs_perfect']:+.4f} | {r['latency_over_budget']:.3f} | "
-                 f"{r['max_queue']:.2f} | {r['final_queue']:.2f} | {r['fallbacks']} | "
-                 f"{r['cum_uplink_bits'] / 8e6:.2f} |")
-  return "\n".join(lines) + "\n"
+  return markdown_table([
+      ("condition", lambda r: r["condition"]),
+      ("final accuracy", _num("final_accuracy", ".4f")),
+      ("vs perfect CSI", _num("accuracy_vs_perfect", "+.4f")),
+      ("mean latency / budget", _num("latency_over_budget", ".3f")),
+      ("max queue", _num("max_queue", ".2f")), ("final queue", _num("final_queue", ".2f")),
+      ("fallbacks", _num("fallbacks", "d")), ("uplink (MB)", _mb("cum_uplink_bits"))], records)
 
 
 def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
@@ -351,8 +356,7 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
                               title="E6: SOFT + TSFA under channel and client impairments")
   else:
     raise ValueError(f"unknown experiment {name!r}")
-  with open(os.path.join(out, f"{name}.json"), "w") as f:
-    json.dump(records, f, indent=1)
+  common.write_json(os.path.join(out, f"{name}.json"), records)
   with open(os.path.join(out, f"{name}.md"), "w") as f:
     f.write(f"# {name.upper()} ({scale} scale)\n\n" + table)
   return table, plot

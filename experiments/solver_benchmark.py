@@ -14,12 +14,13 @@ non-empty queue, so every m is solved). The round-time share divides the P3 time
   python -m experiments.solver_benchmark --out=/tmp/solver.json
 """
 
-import json
 import statistics
 import time
 
 from absl import app
 from absl import flags
+
+from experiments import common
 import numpy as np
 
 from softjax import tsfa
@@ -92,9 +93,7 @@ def main(argv):
           f"round: cpu {r['p3_cvx_share_cpu']:.2%} / {r['p3_numpy_share_cpu']:.3%}, paper "
           f"{r['p3_cvx_share_paper']:.2%} / {r['p3_numpy_share_paper']:.3%} (cvx / numpy)",
           flush=True)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(records, f, indent=2)
+  common.write_json(_OUT.value, records)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ evaluation); the ratio is separate / sweep, measured in one process on one machi
       --settings=4 --rounds=10 --out=/tmp/sweep_bench.json
 """
 
-import json
 import os
 import tempfile
 import time
@@ -65,9 +64,7 @@ def main(argv):
         f"{record['sweep_wall_s']:.1f} s ({record['sweep_traces']} compilation) vs separate runs "
         f"{record['separate_wall_s']:.1f} s ({record['separate_traces']} compilations): "
         f"separate / sweep = {record['separate_over_sweep']:.2f}x")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(record, f, indent=2)
+  common.write_json(_OUT.value, record)
 
 
 if __name__ == "__main__":
