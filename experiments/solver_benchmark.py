@@ -2,8 +2,9 @@ r"""Benchmark: the host-side TSFA solve per round (CVXPY and the NumPy twin) for
 its share of a round.
 
 For each K: the CVXPY build + first solve (once per run), the median time of one
-min-latency solve with each solver, and the per-round P3 (enumeration over m = 1..r with a
-non-empty queue, so every m is solved). The round-time share divides the P3 time by
+min-latency solve with each solver (and how many failed), and the per-round P3 as the
+controller runs it (enumeration over m = 1..r with a non-empty queue, so every m is solved,
+through the fallback chain starting at CVX or at the twin). The round-time share divides the P3 time by
 `K x per-client training time`, with the per-client time given for two setups:
   cpu:   measured, the CPU-scale quickstart on the project's 2-core VM (E1 dense r = 8:
          105 s of rounds / 80 rounds / 5 clients = 0.26 s per client);
@@ -45,13 +46,17 @@ def _round(k: int, seed: int, cfg: wireless.ChannelConfig):
   return a, rng.uniform(0.1, 0.5, k)
 
 
-def _median_time(fn, args_list) -> float:
-  times = []
+def _timed(fn, args_list) -> tuple[float, int]:
+  """(median seconds per call, calls that raised); a failed call's time counts too."""
+  times, failures = [], 0
   for args in args_list:
     start = time.perf_counter()
-    fn(*args)
+    try:
+      fn(*args)
+    except Exception:  # a solver failure is a result here, not an error of the benchmark
+      failures += 1
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times), failures
 
 
 def measure(k: int, rank: int, instances: int) -> dict:
@@ -62,22 +67,29 @@ def measure(k: int, rank: int, instances: int) -> dict:
   problem = tsfa.MinLatencyProblem(k, cfg.bandwidth_hz)  # builds, checks DPP, compiles
   build_s = time.perf_counter() - start
   dense = np.full(k, float(bits_fn(rank)))
-  cvx_s = _median_time(problem.solve, [(dense, a, c) for a, c in rounds])
+  cvx_s, cvx_failures = _timed(problem.solve, [(dense, a, c) for a, c in rounds])
   twin = lambda bits, a, c: tsfa.min_latency_numpy(bits, a, c, cfg.bandwidth_hz)  # noqa: E731
-  twin_s = _median_time(twin, [(dense, a, c) for a, c in rounds])
+  twin_s, twin_failures = _timed(twin, [(dense, a, c) for a, c in rounds])
   phi = lambda m: 1.0 - m / rank  # noqa: E731
-  p3 = {}
-  for name, solver in (("cvx", problem.solve), ("numpy", twin)):
-    p3[name] = _median_time(
-        lambda a, c, s=solver: tsfa.solve_p3(range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn,
-                                             a, c, s), rounds)
-  record = {"clients": k, "rank": rank, "cvx_build_s": build_s, "cvx_solve_s": cvx_s,
-            "numpy_solve_s": twin_s, "p3_cvx_s": p3["cvx"], "p3_numpy_s": p3["numpy"]}
+  record = {"clients": k, "rank": rank, "instances": instances, "cvx_build_s": build_s,
+            "cvx_solve_s": cvx_s, "cvx_failures": cvx_failures, "numpy_solve_s": twin_s,
+            "numpy_failures": twin_failures}
+  # The controller's real path: P3 by enumeration with the fallback chain.
+  for primary in ("cvx", "numpy"):
+    decisions = []
+
+    def p3(a, c, primary=primary):
+      decisions.append(tsfa.solve_with_fallback(
+          range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn, a, c, total_bw_hz=cfg.bandwidth_hz,
+          cvx_problem=problem, primary=primary))
+
+    record[f"p3_{primary}_s"], _ = _timed(p3, rounds)
+    record[f"p3_{primary}_fallbacks"] = sum(d.fallbacks for d in decisions)
   for setup, per_client in (("cpu", _CPU_CLIENT_S.value), ("paper", _PAPER_CLIENT_S.value)):
     round_s = k * per_client
     record[f"{setup}_round_s"] = round_s
-    record[f"p3_cvx_share_{setup}"] = p3["cvx"] / round_s
-    record[f"p3_numpy_share_{setup}"] = p3["numpy"] / round_s
+    record[f"p3_cvx_share_{setup}"] = record["p3_cvx_s"] / round_s
+    record[f"p3_numpy_share_{setup}"] = record["p3_numpy_s"] / round_s
   return record
 
 
@@ -88,7 +100,9 @@ def main(argv):
     r = measure(k, _RANK.value, _INSTANCES.value)
     records.append(r)
     print(f"K = {k:4d}: build {r['cvx_build_s']:6.2f} s | solve cvx {r['cvx_solve_s'] * 1e3:8.1f}"
-          f" ms, numpy {r['numpy_solve_s'] * 1e3:7.2f} ms | P3 (r = {r['rank']}) cvx "
+          f" ms ({r['cvx_failures']}/{r['instances']} failed), numpy "
+          f"{r['numpy_solve_s'] * 1e3:7.2f} ms | P3 (r = {r['rank']}, fallbacks "
+          f"{r['p3_cvx_fallbacks']}) cvx "
           f"{r['p3_cvx_s'] * 1e3:8.1f} ms, numpy {r['p3_numpy_s'] * 1e3:7.2f} ms | share of a "
           f"round: cpu {r['p3_cvx_share_cpu']:.2%} / {r['p3_numpy_share_cpu']:.3%}, paper "
           f"{r['p3_cvx_share_paper']:.2%} / {r['p3_numpy_share_paper']:.3%} (cvx / numpy)",
