@@ -380,3 +380,14 @@ def test_all_gathers_every_experiment_into_one_report(tmp_path, monkeypatch):
   for name in ("e1", "e6"):
     assert f"| table of {name} |" in report and f"![{name}]({name}/{name}.png)" in report
   assert open(tmp_path / "report.md").read() == report
+
+
+@pytest.mark.parametrize("method", ["tlora", "slora"])
+def test_other_sparsifiers_run_under_the_same_controller(method, cache_dir, tmp_path):
+  """The controller prices each method's own payload: the realized latency is the predicted."""
+  summary = experiment.run(make_config(cache_dir, rounds=2, **{**OSFA, "method.name": method,
+                                                                "method.zeta": 0.0}),
+                           str(tmp_path / method))
+  for r in summary["rows"]:
+    assert r["solver"] == "cvx" and r["keep_ratio"] in (0.25, 0.5, 0.75, 1.0)
+    assert r["latency_s"] == pytest.approx(r["predicted_latency_s"], rel=1e-4)
