@@ -72,6 +72,33 @@ RULES = [
     ("method.selection", "random", "per_layer, global"),
     ("method.score", "svd", "factors, update"),
     ("method.aggregation", "median", "all, senders"),
+    ("data.partition_seed", -2, "-1 = seed"),
+    ("wireless.radius_m", 0.0, "> 0"),
+    ("wireless.min_distance_m", 600.0, "below wireless.radius_m"),
+    ("wireless.bandwidth_mhz", 0.0, "> 0"),
+    ("wireless.shadowing_db", -1.0, ">= 0"),
+    ("wireless.device_gflops_min", 0.0, "> 0"),
+    ("wireless.device_gflops_max", 1.0, ">= wireless.device_gflops_min"),
+    ("wireless.budget_s", -1.0, ">= 0"),
+    ("wireless.budget_fraction", 0.0, "> 0"),
+    ("wireless.budget_reference", "median", "expected_max, worst"),
+    ("wireless.reference_rank", -1, "0 = lora.rank"),
+    ("wireless.fading", "rician", "rayleigh, bursty"),
+    ("wireless.burst_p_bad", 1.5, "[0, 1]"),
+    ("wireless.burst_depth_db", -3.0, ">= 0"),
+    ("wireless.csi_error", -0.1, ">= 0"),
+    ("wireless.dropout", 1.0, "[0, 1)"),
+    ("controller.name", "pid", "fixed, osfa, tsfa"),
+    ("controller.V", -1.0, ">= 0"),
+    ("controller.solver", "ecos", "cvx, numpy"),
+    ("controller.rank_candidates", "4,x", "comma list of ranks"),
+    ("controller.spectrum", "flat", "power_law, pilot"),
+    ("controller.gamma", 0.0, "> 0"),
+    ("controller.lambda_cov", -1.0, ">= 0"),
+    ("controller.quantile", 2.0, "[0, 1]"),
+    ("controller.pilot_batches", 0, "integer >= 1"),
+    ("sweep.mode", "random", "grid, zip"),
+    ("sweep.seed", "1,a", "comma list of int"),
     ("eval.every", 0, "integer >= 1"),
     ("eval.num_examples", -1, "0 = whole test split"),
     ("eval.batch_size", 0, "integer >= 1"),
@@ -145,3 +172,14 @@ def test_fields_newer_than_a_checkpoint_conflict_only_when_changed():
   current.wireless.csi_error = 0.3
   assert config_lib.resume_conflicts(saved, current) == [
       "wireless.csi_error: checkpoint has None, command has 0.3"]
+
+
+def test_controllers_need_something_to_sparsify():
+  config = make_testing_config()
+  config.controller.name = "osfa"
+  with pytest.raises(config_lib.ConfigError, match="controller.name.*dense"):
+    config_lib.validate(config)
+  config.method.name = "soft"
+  config.lora.targets = ""
+  with pytest.raises(config_lib.ConfigError, match="controller.name.*LoRA targets"):
+    config_lib.validate(config)
