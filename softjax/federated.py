@@ -267,8 +267,9 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
     cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
            else jnp.zeros((), jnp.float32))
     metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses,
-                           client_bits=bits, client_latency_s=latency, dropped_energy=uploads.dropped_energy.sum(),
-                           cov_term=cov, orth_residual=global_orth_residual(lora))
+                           client_bits=bits, client_latency_s=latency,
+                           dropped_energy=uploads.dropped_energy.sum(), cov_term=cov,
+                           orth_residual=global_orth_residual(lora))
     new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
                             residuals=new_residuals)
     return new_state, metrics
