@@ -1,4 +1,4 @@
-"""Between two jitted rounds, on the host: the channel of round t, the decision (O_t, b_t), the queue.
+"""Between two jitted rounds, on the host: round t's channel, the decision (O_t, b_t), the queue.
 
   fixed: O_t = method.keep_ratio and the equal split B_tot / K (SOFT without the online stage;
          also how dense and the E1 baselines run). The queue is still tracked, for reporting.

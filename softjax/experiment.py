@@ -175,7 +175,8 @@ def plan_uplink(config: ml_collections.ConfigDict, vit_config: vit.ViTConfig,
     singular_values = pilot_spectrum() if c.spectrum == "pilot" else None
     rates = tsfa.approx_rate_bps(link.beta, link.channel, config.fl.clients_per_round)
     offline = tsfa.plan_offline(
-        config_lib.rank_candidates(config), tbar_s=tbar, compute_s=compute_at, approx_rates_bps=rates,
+        config_lib.rank_candidates(config), tbar_s=tbar, compute_s=compute_at,
+        approx_rates_bps=rates,
         layer_dims=layer_dims, head_params=head_params, value_bits=config.fl.value_bits,
         quantile=c.quantile, gamma=c.gamma, lambda_sp=c.lambda_sp, lambda_cov=c.lambda_cov,
         singular_values=singular_values)
