@@ -5,8 +5,7 @@ For each K: the CVXPY build + first solve (once per run), the median time of one
 min-latency solve with each solver (and how many failed), and the per-round P3 as the
 controller runs it (enumeration over m = 1..r with a non-empty queue, so every m is solved,
 through the fallback chain starting at CVX or at the twin). The round-time share divides the P3
-time by
-`K x per-client training time`, with the per-client time given for two setups:
+time by `K x per-client training time`, with the per-client time given for two setups:
   cpu:   measured, the CPU-scale quickstart on the project's 2-core VM (E1 dense r = 8:
          105 s of rounds / 80 rounds / 5 clients = 0.26 s per client);
   paper: projected, ViT-B/16 with 320 training examples per client per round at ~35 GFLOP each
