@@ -358,7 +358,6 @@ def _validate_wireless(w: ml_collections.ConfigDict) -> None:
   _check_int("wireless.reference_rank", w.reference_rank, 0, what=" (0 = lora.rank)")
 
 
-CONTROLLERS = ("fixed", "osfa", "tsfa")
 FADING_MODELS = ("rayleigh", "bursty")
 SPECTRA = ("power_law", "pilot")
 
@@ -376,10 +375,11 @@ def rank_candidates(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def _validate_controller(config: ml_collections.ConfigDict) -> None:
+  from softjax import controller
   from softjax import tsfa
 
   c = config.controller
-  _check_choice("controller.name", c.name, CONTROLLERS)
+  _check_choice("controller.name", c.name, controller.MODES)
   _check(isinstance(c.V, (int, float)) and c.V >= 0, "controller.V", c.V, "must be >= 0")
   _check_choice("controller.solver", c.solver, tsfa.SOLVERS)
   rank_candidates(config)

@@ -26,6 +26,8 @@ import numpy as np
 from softjax import tsfa
 from softjax import wireless
 
+MODES = ("fixed", "osfa", "tsfa")  # values of config.controller.name
+
 
 @dataclasses.dataclass(frozen=True)
 class Link:
@@ -140,7 +142,7 @@ class LatencyController:
       first_keep_ratio: tsfa: O_0 from the offline stage, used in round 0.
       clients_per_round: K (needed to build the CVXPY problem).
     """
-    if mode not in ("fixed", "osfa", "tsfa"):
+    if mode not in MODES:
       raise ValueError(f"unknown controller {mode!r}")
     self.mode, self.link, self.seed = mode, link, seed
     self.compute_s = np.asarray(compute_s, np.float64)
