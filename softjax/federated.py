@@ -2,7 +2,8 @@
 
 One call of the jitted round function runs a whole round on the device:
   per client k in S_t: lax.scan over E local steps (batches gathered on the device) -> update
-  clients: lax.map(..., batch_size=client_parallelism)  (1 = sequential in-graph, K = full vmap)
+  clients: lax.map(..., batch_size=client_parallelism)  (1 = sequential in-graph, K = full vmap),
+           under jax.shard_map over a `clients` device mesh when one is given (softjax/mesh.py)
            -> the method's upload (sparsifiers.py: dense, SOFT, TLoRA, RLoRA, SLoRA) with
               error-feedback residuals gathered from and written back to all N clients
   server:  the method's aggregation; for factor uploads
@@ -21,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, PartitionSpec as P
 
+from softjax import mesh as mesh_lib
 from softjax import soft
 from softjax import sparsifiers
 from softjax import wireless
@@ -197,7 +200,8 @@ def global_orth_residual(lora: PyTree) -> jax.Array:
 
 def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
                client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
-               penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0):
+               penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
+               mesh: Mesh | None = None, shard_data: bool = False):
   """Builds round_fn(state, frozen, data, client_ids [K], root_key, hparams) -> (state, metrics).
 
   Args:
@@ -210,6 +214,14 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
     penalty: orthogonality penalty kind (soft.PENALTY_KINDS).
     value_bits: q, bits per uploaded value.
     head_params: values in the head, sent densely by every client.
+    mesh: a 1-D mesh over the `clients` axis (softjax/mesh.py), or None for one device. The
+      client slots (K rounded up to a multiple of the devices; extra slots weigh nothing) are
+      split across the devices by `jax.shard_map`; the frozen backbone, the data and the
+      global factors are replicated into it; the aggregation over the client-sharded uploads
+      is left to the compiler (an all-reduce).
+    shard_data: the training set is sharded over the mesh (mesh.shard_data): each round
+      gathers the sampled clients' examples to the devices that train them instead of
+      replicating the set into the client map. Needs a mesh.
 
   The result is not jitted, so callers can wrap it (jit with donation, vmap over a sweep
   axis, ...).
@@ -218,20 +230,18 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
                                      batch_size=batch_size, penalty=penalty)
   method = sparsifier or sparsifiers.make_sparsifier("dense")
 
-  def round_fn(state: ServerState, frozen: PyTree, data: FederatedData,
-               client_ids: jax.Array, root_key: jax.Array, hparams: RoundHparams):
-    chex.assert_rank(client_ids, 1)
-    glob = state.trainable
-    round_key = jax.random.fold_in(root_key, state.round)
-    # Keys follow the client id, not its slot in S_t, so a client's data order does not
-    # depend on which other clients were sampled with it.
-    keys = jax.vmap(lambda k: jax.random.fold_in(round_key, k))(client_ids)
-    residuals = (jax.tree.map(lambda r: r[client_ids], state.residuals)
-                 if method.error_feedback else None)
+  def run_clients(glob, frozen, data, hparams, client_ids, keys, residuals, slot_data):
+    """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses.
+
+    slot_data None: every client reads its batches from the shared `data`. Otherwise it holds
+    each slot's own examples ([C, max_n, ...], a one-row table) and `data` is not read.
+    """
 
     def one_client(args):
-      client_id, key, residual = args
-      local, loss = client_update(glob, frozen, data, client_id, key, hparams)
+      client_id, key, residual, own = args
+      source = data if own is None else own
+      local, loss = client_update(glob, frozen, source, client_id if own is None else 0, key,
+                                  hparams)
       if residual is None:
         residual = jax.tree.map(jnp.zeros_like, glob.lora)
       # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
@@ -240,12 +250,51 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
                                jax.random.fold_in(key, 1))
       return upload, optax.tree.sub(local.head, glob.head), loss
 
-    uploads, head_deltas, losses = jax.lax.map(one_client, (client_ids, keys, residuals),
-                                               batch_size=client_parallelism)
-    received = (jnp.ones(client_ids.shape, jnp.float32) if hparams.uplink is None
+    return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
+                       batch_size=client_parallelism)
+
+  if mesh is not None:
+    # Every device trains its share of the slots; what the clients read is replicated.
+    shared, split = P(), P(mesh.axis_names[0])
+    run_clients = jax.shard_map(
+        run_clients, mesh=mesh,
+        in_specs=(shared, shared, shared, shared, split, split, split, split),
+        out_specs=split,
+        # With the replication checker on, jax 0.10.2 computed different client updates
+        # than the unsharded round (the losses of the same clients and keys differed); off,
+        # they agree to float precision (tests/test_mesh.py).
+        check_vma=False)
+
+  def round_fn(state: ServerState, frozen: PyTree, data: FederatedData,
+               client_ids: jax.Array, root_key: jax.Array, hparams: RoundHparams):
+    chex.assert_rank(client_ids, 1)
+    k = client_ids.shape[0]
+    glob = state.trainable
+    round_key = jax.random.fold_in(root_key, state.round)
+    # Pad-and-mask: extra slots repeat the first client, weigh nothing and write nothing back.
+    slots = mesh_lib.padded_count(k, mesh)
+    valid = (jnp.arange(slots) < k).astype(jnp.float32)
+    ids = jnp.concatenate([client_ids, jnp.full((slots - k,), client_ids[0], client_ids.dtype)])
+    # Keys follow the client id, not its slot in S_t, so a client's data order does not
+    # depend on which other clients were sampled with it.
+    keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(ids)
+    residuals = (jax.tree.map(lambda r: r[ids], state.residuals)
+                 if method.error_feedback else None)
+    scalars = hparams._replace(uplink=None)  # what a client reads; the links are [K]
+    slot_data = None
+    if shard_data:
+      # The training set is sharded over the devices: move each sampled client's examples to
+      # the device that trains it (the compiler inserts the collective), not the whole set.
+      slot_data = slot_examples(data, ids)
+      data = None
+    uploads, head_deltas, losses = run_clients(glob, frozen, data, scalars, ids, keys, residuals,
+                                               slot_data)
+    data_counts = slot_data.counts[:, 0] if shard_data else data.counts[ids]
+    received = (jnp.ones((k,), jnp.float32) if hparams.uplink is None
                 else hparams.uplink.received)
+    received = jnp.concatenate([received, jnp.zeros((slots - k,), jnp.float32)])
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
-    weights = aggregation_weights(data.counts[client_ids] * received)
+    weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
     new_residuals = state.residuals
@@ -253,9 +302,12 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
       # A client whose upload was lost keeps all of U (what it sent, and what it held back).
       kept = jax.tree.map(lambda r, s: r + _per_client(1.0 - received, s) * s,
                           uploads.residual, uploads.sent)
-      new_residuals = jax.tree.map(lambda all_r, r: all_r.at[client_ids].set(r),
-                                   state.residuals, kept)
-    bits = value_bits * (uploads.values + head_params) + uploads.index_bits
+      # Padding slots point past the end, so their write is dropped.
+      write_ids = jnp.where(valid > 0, ids, _num_rows(state))
+      new_residuals = jax.tree.map(
+          lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
+    bits = (value_bits * (uploads.values + head_params) + uploads.index_bits)[:k]
+    received = received[:k]
     if hparams.uplink is None:
       latency = jnp.zeros(bits.shape, jnp.float32)
     else:
@@ -266,15 +318,47 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
       bits = (bits * received).astype(bits.dtype)  # delivered bits
     cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
            else jnp.zeros((), jnp.float32))
-    metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses,
+    metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses[:k],
                            client_bits=bits, client_latency_s=latency,
-                           dropped_energy=uploads.dropped_energy.sum(), cov_term=cov,
+                           dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
                            orth_residual=global_orth_residual(lora))
     new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
                             residuals=new_residuals)
+    if mesh is not None:
+      new_state, metrics = _constrain(new_state, metrics, mesh)
     return new_state, metrics
 
   return round_fn
+
+
+def slot_examples(data: FederatedData, ids: jax.Array) -> FederatedData:
+  """Each slot's own examples as a one-client data set: [C, max_n, ...] images and labels, a
+  [C, 1, max_n] identity table and [C, 1] counts. Batches drawn from it equal those drawn from
+  `data` for the same client and key."""
+  rows = data.table[ids]
+  width = data.table.shape[1]
+  table = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (ids.shape[0], 1, width))
+  return FederatedData(images=data.images[rows], labels=data.labels[rows], table=table,
+                       counts=data.counts[ids][:, None])
+
+
+def _num_rows(state: ServerState) -> int:
+  """N, the clients the residual store holds (static)."""
+  return jax.tree.leaves(state.residuals)[0].shape[0]
+
+
+def _constrain(state: ServerState, metrics: RoundMetrics, mesh: Mesh):
+  """Pins the round's outputs to the shardings its inputs had: the global model and the metrics
+  replicated (every process reads them), the residuals along N, so the next round sees the same
+  shardings and nothing recompiles."""
+  rep = mesh_lib.replicated(mesh)
+  pin = lambda tree, s: jax.tree.map(  # noqa: E731
+      lambda x: jax.lax.with_sharding_constraint(x, s), tree)
+  residuals = jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.leading_sharding(mesh, x.shape[0])),
+      state.residuals)
+  return (state._replace(trainable=pin(state.trainable, rep), round=pin(state.round, rep),
+                         residuals=residuals), pin(metrics, rep))
 
 
 def _per_client(values: jax.Array, like: jax.Array) -> jax.Array:
