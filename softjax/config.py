@@ -21,7 +21,7 @@ PAYLOAD_VALUE_BITS = (16, 32)
 # Fields that may differ between a checkpointed run and the command that resumes it: they change
 # how long the run goes or what it logs, never the computation of a round that already ran.
 RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "checkpoint.every", "checkpoint.keep",
-                    "model.cache_dir")
+                    "model.cache_dir", "mesh.coordinator_address", "mesh.process_id")
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep.V = ""  # controller.V values
   c.sweep.seed = ""  # seed values (the partition keeps data.partition_seed / the base seed)
   c.sweep.mode = "grid"  # grid (product of the lists) | zip (element by element)
+
+  # Scaling past one device (softjax/mesh.py): a 1-D mesh over the `clients` axis (the sampled
+  # clients split across devices), or over the sweep's `members` axis for a sweep.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.devices = 1  # devices in the mesh: 1 = no mesh (one device), 0 = every device JAX sees
+  c.mesh.shard_data = False  # split the training set over the devices (each process feeds its own
+  #                            clients' examples); False = a copy on every device
+  c.mesh.distributed = False  # jax.distributed.initialize() first: multi-host (TPU pods, Slurm)
+  # Only where JAX cannot detect the cluster (TPU pods, Slurm and Open MPI are detected):
+  c.mesh.coordinator_address = ""  # host:port of process 0; "" = detect ($JAX_COORDINATOR_ADDRESS)
+  c.mesh.num_processes = 0  # processes in the job; 0 = detect
+  c.mesh.process_id = -1  # this process's index; -1 = detect
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10  # evaluate every n rounds and always after the last
@@ -287,6 +299,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_wireless(config.wireless)
   _validate_controller(config)
 
+  _validate_mesh(config)
+
   _check_int("eval.every", config.eval.every, 1)
   _check_int("eval.num_examples", config.eval.num_examples, 0, what=" (0 = whole test split)")
   _check_int("eval.batch_size", config.eval.batch_size, 1)
@@ -303,6 +317,44 @@ def _validate_sweep(config: ml_collections.ConfigDict) -> None:
   if len(members) > 1:
     for member in members:
       validate(member)
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+  """The rules that need no device; `validate_mesh_devices` checks the device count."""
+  from softjax import sweep
+
+  m = config.mesh
+  _check_int("mesh.devices", m.devices, 0, what=" (0 = every device, 1 = no mesh)")
+  _check(isinstance(m.shard_data, bool), "mesh.shard_data", m.shard_data, "must be True or False")
+  _check(isinstance(m.distributed, bool), "mesh.distributed", m.distributed,
+         "must be True or False")
+  if m.shard_data:
+    _check(m.devices != 1, "mesh.shard_data", m.shard_data,
+           "needs a mesh of several devices (mesh.devices = 0 or > 1)")
+    _check(not sweep.is_sweep(config), "mesh.shard_data", m.shard_data,
+           "must be False with a sweep (a sweep's mesh splits the members, not the data)")
+  _check(isinstance(m.coordinator_address, str), "mesh.coordinator_address",
+         m.coordinator_address, "must be 'host:port' or '' (detect)")
+  _check_int("mesh.num_processes", m.num_processes, 0, what=" (0 = detect)")
+  _check_int("mesh.process_id", m.process_id, -1, what=" (-1 = detect)")
+  if m.num_processes:
+    _check(m.process_id < m.num_processes, "mesh.process_id", m.process_id,
+           f"must be below mesh.num_processes ({m.num_processes})")
+  if m.distributed:
+    _check(m.devices == 0, "mesh.devices", m.devices,
+           "must be 0 (every device of every process) with mesh.distributed = True")
+
+
+def validate_mesh_devices(config: ml_collections.ConfigDict, device_count: int,
+                          members: int = 1) -> None:
+  """The mesh rules that need the device count (after jax.distributed.initialize)."""
+  m = config.mesh
+  _check(m.devices <= device_count, "mesh.devices", m.devices,
+         f"must be at most the {device_count} devices JAX sees (0 = all of them)")
+  devices = device_count if m.devices == 0 else m.devices
+  if members > 1 and devices > 1:
+    _check(members % devices == 0, "mesh.devices", m.devices,
+           f"must divide the sweep's {members} members (each device runs the same number)")
 
 
 def _validate_method(method: ml_collections.ConfigDict) -> None:

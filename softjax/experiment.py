@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
 from softjax import backbone as backbone_lib
 from softjax import checkpointing
 from softjax import config as config_lib
 from softjax import controller as controller_lib
 from softjax import federated
+from softjax import mesh as mesh_lib
 from softjax import metrics as metrics_lib
 from softjax import payload
 from softjax import pilot
@@ -62,6 +64,7 @@ class SharedSetup:
   layer_dims: list[tuple[int, int]]  # (d_in, d_out) of every adapted matrix
   image_shape: tuple[int, int, int]
   pilot_spectrum: Callable[[], np.ndarray]  # the offline stage's pilot option (lazy)
+  mesh: Mesh | None = None  # the device mesh (softjax/mesh.py); None = one device
 
 
 @dataclasses.dataclass
@@ -121,7 +124,8 @@ def load_federated_data(config: ml_collections.ConfigDict):
   return dataset, pretrain_idx, federated_idx, clients
 
 
-def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int):
+def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int,
+                    mesh: Mesh | None = None):
   """Test images/labels padded to a multiple of batch_size, with a 0/1 mask for padding."""
   n = len(dataset.test_labels) if num_examples == 0 else min(num_examples,
                                                              len(dataset.test_labels))
@@ -130,7 +134,28 @@ def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int
   labels = np.zeros((padded,), np.int32)
   images[:n], labels[:n] = dataset.test_images[:n], dataset.test_labels[:n]
   mask = (np.arange(padded) < n).astype(np.float32)
-  return jax.device_put((images, labels, mask))
+  return to_devices((images, labels, mask), mesh)
+
+
+def to_devices(tree, mesh: Mesh | None):
+  """Host arrays onto the one device, or replicated over the mesh."""
+  return jax.device_put(tree) if mesh is None else mesh_lib.place(tree, mesh_lib.replicated(mesh))
+
+
+def federated_data(images: np.ndarray, labels: np.ndarray, clients, mesh: Mesh | None,
+                   shard: bool) -> federated.FederatedData:
+  """The clients' examples on the device(s), laid out client by client (mesh.py).
+
+  shard: the rows split over the mesh, each process feeding the block of its own clients.
+  """
+  local_devices = 1 if mesh is None else mesh_lib.mesh_size(mesh) // jax.process_count()
+  layout = mesh_lib.client_major_layout(
+      clients, num_processes=jax.process_count() if shard else 1,
+      multiple=local_devices if shard else 1)
+  return federated.FederatedData(
+      images=mesh_lib.place_examples(images, layout, mesh, shard),
+      labels=mesh_lib.place_examples(labels.astype(np.int32), layout, mesh, shard),
+      table=to_devices(layout.table, mesh), counts=to_devices(layout.counts, mesh))
 
 
 def _make_model(config, vit_config: vit.ViTConfig, rank: int) -> vit.VisionTransformer:
@@ -207,7 +232,7 @@ def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_sh
       clients_per_round=config.fl.clients_per_round)
 
 
-def build_shared(config: ml_collections.ConfigDict) -> SharedSetup:
+def build_shared(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> SharedSetup:
   """Host-side preparation shared by every member, run once per experiment."""
   dataset, pretrain_idx, federated_idx, clients = load_federated_data(config)
   native = dataset.train_images.shape[1:]
@@ -218,12 +243,10 @@ def build_shared(config: ml_collections.ConfigDict) -> SharedSetup:
   reference = _make_model(config, vit_config, config.lora.rank)
   params = backbone_lib.load_backbone(config, reference, dataset, pretrain_idx, image_shape)
   frozen, head = lora_lib.split_head(params)
-  table = partition_lib.pad_client_indices(clients)
-  data = federated.FederatedData(
-      images=jax.device_put(dataset.train_images[federated_idx]),
-      labels=jax.device_put(dataset.train_labels[federated_idx].astype(np.int32)),
-      table=jax.device_put(table.indices), counts=jax.device_put(table.counts))
-  frozen = jax.device_put(frozen)
+  data = federated_data(dataset.train_images[federated_idx],
+                        dataset.train_labels[federated_idx], clients, mesh,
+                        config.mesh.shard_data)
+  frozen = to_devices(frozen, mesh)
   lora_key = jax.random.key(0)  # shapes only, and the pilot gradient (taken at B = 0)
 
   def pilot_spectrum():
@@ -238,12 +261,12 @@ def build_shared(config: ml_collections.ConfigDict) -> SharedSetup:
   return SharedSetup(
       apply_fn=None,  # set by build_setup once the members' rank is known
       frozen=frozen, head=head, data=data,
-      test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size),
+      test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size, mesh),
       sparsifier=make_sparsifier(config.method),
       head_params=sum(int(np.size(x)) for x in jax.tree.leaves(head)),
       vit_config=vit_config,
       layer_dims=[(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(ref_shapes)],
-      image_shape=image_shape, pilot_spectrum=pilot_spectrum)
+      image_shape=image_shape, pilot_spectrum=pilot_spectrum, mesh=mesh)
 
 
 def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
@@ -256,7 +279,7 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
                             shared.image_shape)
   state = federated.init_state(lora, shared.head, config.fl.num_clients,
                                shared.sparsifier.error_feedback)
-  member = Member(config=config, setting=setting, init_state=jax.device_put(state),
+  member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
                   controller=make_controller(config, uplink, lora, shared.head_params),
                   root_key=jax.random.fold_in(jax.random.key(config.seed), 2))
@@ -267,7 +290,10 @@ def build_setup(config: ml_collections.ConfigDict) -> tuple[SharedSetup, list[Me
   """The shared setup and one Member per sweep setting (one without a sweep)."""
   configs = sweep_lib.member_configs(config) if sweep_lib.is_sweep(config) else [config]
   settings = sweep_lib.settings(config)
-  shared = build_shared(configs[0])
+  config_lib.validate_mesh_devices(config, jax.device_count(), len(configs))
+  mesh = mesh_lib.make_mesh(config.mesh.devices,
+                            mesh_lib.MEMBERS if len(configs) > 1 else mesh_lib.CLIENTS)
+  shared = build_shared(configs[0], mesh)
   members, models = zip(*(build_member(c, shared, s) for c, s in zip(configs, settings)))
   ranks = sorted({m.uplink.rank for m in members})
   if len(ranks) > 1:
@@ -340,17 +366,25 @@ class RoundRunner:
                members: list[Member]):
     fl = config.fl
     self.traces = 0
+    self.swept = len(members) > 1
+    mesh = shared.mesh
     round_fn = federated.make_round(
         shared.apply_fn, optimizer=fl.client_optimizer, local_steps=fl.local_steps,
         batch_size=fl.batch_size, client_parallelism=fl.client_parallelism,
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
-        head_params=shared.head_params)
+        head_params=shared.head_params, mesh=None if self.swept else mesh,
+        shard_data=config.mesh.shard_data)
     eval_fn = federated.make_eval(shared.apply_fn, config.eval.batch_size)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in soft.factor_pairs(lora)[0]]
-    self.swept = len(members) > 1
     if self.swept:
       round_fn = jax.vmap(round_fn, in_axes=(0, None, None, 0, 0, 0))
+      if mesh is not None:
+        # Each device runs S / D whole settings; nothing crosses devices inside a round.
+        split = P(mesh.axis_names[0])
+        round_fn = jax.shard_map(round_fn, mesh=mesh,
+                                 in_specs=(split, P(), P(), split, split, split),
+                                 out_specs=split, check_vma=False)
       eval_fn = jax.vmap(eval_fn, in_axes=(None, 0, None, None, None))
       scores_fn = jax.vmap(scores_fn)
 
@@ -366,8 +400,12 @@ class RoundRunner:
     self.shared, self.members, self.config = shared, members, config
 
   def initial_state(self) -> federated.ServerState:
+    """Every member's round-0 state (stacked for a sweep), placed as the round keeps it."""
     states = [m.init_state for m in self.members]
-    return stack_trees(states) if self.swept else states[0]
+    state = stack_trees(states) if self.swept else states[0]
+    if self.shared.mesh is None:
+      return jax.device_put(state)
+    return mesh_lib.place_state(state, self.shared.mesh, stacked=self.swept)
 
   def _slice(self, tree, i: int):
     return member_slice(tree, i) if self.swept else tree
@@ -478,9 +516,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     rounds, wall_time_s, round_traces, rows and lora_template.
   """
   config_lib.validate(config)
+  if config.mesh.distributed:
+    m = config.mesh  # before anything touches a device
+    mesh_lib.initialize_distributed(m.coordinator_address, m.num_processes, m.process_id)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   shared, members = build_setup(config)
+  if shared.mesh is not None:
+    print(f"mesh: {mesh_lib.mesh_size(shared.mesh)} {shared.mesh.devices.flat[0].platform} "
+          f"devices over the {shared.mesh.axis_names[0]!r} axis, {jax.process_count()} "
+          "process(es)", flush=True)
   runner = RoundRunner(config, shared, members)
   # Shapes only: the state's buffers are donated to the first round.
   lora_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -494,9 +539,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     raise
   for member, saved in zip(members, host.get("controllers", [])):
     member.controller.load_state_dict(saved)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "metrics.jsonl"), resume_round=done)
+  # Every process of a multi-host run computes the same rows; process 0 owns the usual files.
+  process = jax.process_index()
+  if process == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  metrics_name = "metrics.jsonl" if process == 0 else f"metrics.process{process}.jsonl"
+  writer = metrics_lib.MetricsWriter(os.path.join(workdir, metrics_name), resume_round=done)
   cum_bits = host.get("cum_uplink_bits", [0] * len(members))
   cum_bits = list(cum_bits) if isinstance(cum_bits, list) else [cum_bits]  # older: one int
   rounds, loop_start = config.fl.rounds, time.time()
@@ -532,6 +581,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   per_member = [_member_summary(m, [r for r in rows if r.get("member", 0) == i], cum_bits[i])
                 for i, m in enumerate(members)]
   common = {"rounds": rounds, "wall_time_s": time.time() - start,
+            "devices": mesh_lib.mesh_size(shared.mesh),
             "round_traces": runner.traces, "rows": rows, "lora_template": lora_template}
   if runner.swept:
     summary = {**common, "members": per_member}

@@ -33,14 +33,18 @@ CLIENTS = "clients"  # the mesh axis of a run without a sweep
 MEMBERS = "members"  # the mesh axis of a sweep
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
   """Joins a multi-process JAX job (mesh.distributed = True).
 
-  With no arguments JAX reads the cluster from the environment (TPU pod metadata, Slurm's
-  SLURM_* variables, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). It must
-  run before anything touches a device, so `experiment.run` calls it first.
+  Empty / 0 / -1 arguments let JAX detect the cluster (TPU pod metadata, Slurm's SLURM_*
+  variables, Open MPI; the coordinator also from $JAX_COORDINATOR_ADDRESS). It must run before
+  anything touches a device, so `experiment.run` calls it first. On CPUs the processes talk
+  through gloo (JAX's default), which is how the tests run two processes on one machine.
   """
-  jax.distributed.initialize()
+  jax.distributed.initialize(coordinator_address=coordinator_address or None,
+                             num_processes=num_processes or None,
+                             process_id=None if process_id < 0 else process_id)
 
 
 def make_mesh(devices: int, axis: str) -> Mesh | None:
@@ -159,3 +163,18 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
   local = gather_rows(array, layout.rows[p * block:(p + 1) * block])
   global_shape = (len(layout.rows),) + array.shape[1:]
   return jax.make_array_from_process_local_data(along_axis(mesh), local, global_shape)
+
+
+def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:
+  """A federated.ServerState on the mesh.
+
+  stacked (a sweep's [S, ...] state): every leaf split along the members axis. Otherwise the
+  global model and the round counter are replicated and the [N, ...] residuals split along N
+  (replicated when N does not divide evenly), the layout the sharded round keeps.
+  """
+  if stacked:
+    return place(state, along_axis(mesh))
+  residuals = place(state.residuals, jax.tree.map(lambda x: leading_sharding(mesh, x.shape[0]),
+                                                  state.residuals))
+  return state._replace(trainable=place(state.trainable, replicated(mesh)),
+                        round=place(state.round, replicated(mesh)), residuals=residuals)
