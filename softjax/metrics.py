@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-TIMING_FIELDS = ("round_time_s", "eval_time_s", "solver_time_s")
+TIMING_FIELDS = ("round_time_s", "host_time_s", "eval_time_s", "solver_time_s")
 
 
 def to_python(value: Any) -> Any:

@@ -1,0 +1,41 @@
+"""experiments/benchmark.py end to end at the test scale: every section measured and tabled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")  # the PyTorch + peft arm; CI installs both (.ci/run)
+pytest.importorskip("peft")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_measures_every_section(tmp_path):
+  out = str(tmp_path / "bench")
+  env = {**os.environ, "SOFTJAX_CACHE_DIR": str(tmp_path / "cache")}
+  done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
+                         "--rounds=2", "--devices=2", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.load(open(os.path.join(out, "benchmark.json")))
+  torch_arm = record["torch"]
+  assert torch_arm["softjax"]["round_s"] > 0 and torch_arm["torch"]["round_s"] > 0
+  assert torch_arm["torch_over_softjax"] == pytest.approx(
+      torch_arm["torch"]["round_s"] / torch_arm["softjax"]["round_s"])
+  # tiny ViT, rank 4 on q/v: the same trainable set on both sides (512 LoRA + 170 head).
+  assert torch_arm["torch"]["trainable"] == 682
+  assert [r["parallelism"] for r in record["parallelism"]["runs"]] == [1, 2, 3]
+  assert record["mesh"]["fake_devices"] and record["mesh"]["sharded"][0]["mesh_devices"] == 2
+  flops = record["flops"]
+  # The analytic count (matmuls only) is within 25 % of XLA's own count of one local step.
+  assert 0.75 < flops["round_flops"] / flops["xla_step_flops_x_KE"] < 1.25
+  assert 0 < flops["utilization"] < 1.5
+  assert record["compile"]["first_call_s"] > record["compile"]["round_s"]
+  host = record["host"]
+  assert host["rounds_timed"] == 2 and 0 < host["host_share"] < 1
+  assert host["solver_s"] <= host["host_s"] <= host["round_s"]
+  table = open(os.path.join(out, "benchmark.md")).read()
+  assert "PyTorch / softjax" in table and "utilization" in table and "client_parallelism" in table
