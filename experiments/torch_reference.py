@@ -225,6 +225,7 @@ def make_round(model: nn.Module, *, local_steps: int, batch_size: int, lr: float
     The round function. `global_state` must have the keys of `trainable_state(model)`.
   """
   params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+  device = next(model.parameters()).device
   optimizer = torch.optim.SGD(list(params.values()), lr=lr)  # stateless: one for all clients
   rng = np.random.default_rng(seed)
 
@@ -239,8 +240,8 @@ def make_round(model: nn.Module, *, local_steps: int, batch_size: int, lr: float
     model.train()
     for step in range(local_steps):
       idx = order[(step * batch_size + np.arange(batch_size)) % n]
-      x = preprocess(images[idx])
-      y = torch.from_numpy(np.asarray(labels[idx], np.int64))
+      x = preprocess(images[idx]).to(device)
+      y = torch.from_numpy(np.asarray(labels[idx], np.int64)).to(device)
       optimizer.zero_grad(set_to_none=True)
       loss = F.cross_entropy(model(x), y)
       loss.backward()
@@ -307,14 +308,15 @@ def time_rounds(variant: str = "cpu_small", image_size: int = 28, channels: int 
   if threads is not None:
     torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  model = build_model(variant, image_size, channels, num_classes, rank, alpha, targets)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU variant
+  model = build_model(variant, image_size, channels, num_classes, rank, alpha, targets).to(device)
   data = make_client_data(clients, examples_per_client, image_size, channels, num_classes, seed)
   round_fn = make_round(model, local_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed)
   state = trainable_state(model)
   times, loss = [], float("nan")
   for _ in range(warmup + rounds):
     start = time.perf_counter()
-    state, loss = round_fn(state, data)
+    state, loss = round_fn(state, data)  # .item() of the loss waits for the device
     times.append(time.perf_counter() - start)
   timed = times[warmup:]
   return {
@@ -326,6 +328,7 @@ def time_rounds(variant: str = "cpu_small", image_size: int = 28, channels: int 
       "torch_version": torch.__version__,
       "peft_version": peft.__version__,
       "threads": torch.get_num_threads(),
+      "device": str(device),
       "variant": variant, "image_size": image_size, "channels": channels,
       "num_classes": num_classes, "rank": rank, "alpha": alpha, "targets": list(targets),
       "clients": clients, "local_steps": local_steps, "batch_size": batch_size,

@@ -90,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.client_lr = 0.03  # peak client learning rate
   c.fl.lr_schedule = "cosine"  # constant | cosine: lr decays over rounds to lr_final_fraction
   c.fl.lr_final_fraction = 0.1  # cosine: the last round's lr as a fraction of client_lr
-  c.fl.client_parallelism = 1  # lax.map batch size: 1 = sequential in-graph (CPU), K = full vmap
+  # lax.map batch over the sampled clients: 1 = sequential in-graph, K = full vmap; 0 = the
+  # backend's best (federated.default_parallelism: 1 on a CPU, all of them on a GPU/TPU).
+  c.fl.client_parallelism = 0
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
 
   # The simulated uplink (ALGORITHM.md 4). Every run simulates it and reports its latency; only the
@@ -291,8 +293,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   f = fl.lr_final_fraction
   _check(isinstance(f, (int, float)) and 0 <= f <= 1, "fl.lr_final_fraction", f,
          "must be in [0, 1]")
-  _check_int("fl.client_parallelism", fl.client_parallelism, 1, fl.clients_per_round,
-             " (at most fl.clients_per_round)")
+  _check_int("fl.client_parallelism", fl.client_parallelism, 0, fl.clients_per_round,
+             " (at most fl.clients_per_round; 0 = the backend's best)")
   _check(fl.value_bits in PAYLOAD_VALUE_BITS, "fl.value_bits", fl.value_bits,
          f"must be one of {PAYLOAD_VALUE_BITS}")
 

@@ -354,6 +354,18 @@ def member_slice(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
 
 
+def client_parallelism(config: ml_collections.ConfigDict, mesh: Mesh | None, swept: bool,
+                       backend: str) -> int:
+  """fl.client_parallelism, or (0) the backend's best for the slots each device trains: a
+  sweep's members each run all K; a clients mesh gives each device K_padded / D."""
+  if config.fl.client_parallelism:
+    return config.fl.client_parallelism
+  slots = config.fl.clients_per_round
+  if mesh is not None and not swept:
+    slots = mesh_lib.padded_count(slots, mesh) // mesh_lib.mesh_size(mesh)
+  return federated.default_parallelism(backend, slots)
+
+
 class RoundRunner:
   """The jitted round and evaluation of one experiment, with a recompile counter.
 
@@ -370,7 +382,8 @@ class RoundRunner:
     mesh = shared.mesh
     round_fn = federated.make_round(
         shared.apply_fn, optimizer=fl.client_optimizer, local_steps=fl.local_steps,
-        batch_size=fl.batch_size, client_parallelism=fl.client_parallelism,
+        batch_size=fl.batch_size,
+        client_parallelism=client_parallelism(config, mesh, self.swept, jax.default_backend()),
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
         head_params=shared.head_params, mesh=None if self.swept else mesh,
         shard_data=config.mesh.shard_data)

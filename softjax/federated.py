@@ -124,6 +124,17 @@ def client_lr_at(round_index: int, rounds: int, peak: float, schedule: str,
   return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
+def default_parallelism(backend: str, clients: int) -> int:
+  """fl.client_parallelism = 0: how many of `clients` slots one device trains at once.
+
+  A CPU runs them one after another inside the compiled program: one client's matmuls already
+  keep its cores busy and its caches prefer small batches, so batching clients only slows the
+  round (docs/benchmarks.md, client_parallelism sweep). A GPU or TPU vmaps all of them, since one
+  client's batch leaves most of the chip idle.
+  """
+  return 1 if backend == "cpu" else clients
+
+
 def make_client_optimizer(name: str, learning_rate: jax.Array) -> optax.GradientTransformation:
   """The local optimizer; built inside the trace so the learning rate can be a traced array."""
   if name == "sgd":

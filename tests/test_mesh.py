@@ -286,3 +286,19 @@ def test_two_process_run_feeds_own_clients_and_equals_one_process(cache_dir, tmp
   assert "mesh: 4 cpu devices over the 'clients' axis, 2 process(es)" in outputs[0]
   for name in ("metrics.jsonl", "metrics.process1.jsonl"):
     assert_rows_close(metrics_lib.read_rows(os.path.join(workdir, name)), want["rows"])
+
+
+def test_client_parallelism_zero_picks_the_backend_best(cache_dir):
+  from softjax import experiment
+
+  assert federated.default_parallelism("cpu", 5) == 1
+  assert federated.default_parallelism("gpu", 5) == federated.default_parallelism("tpu", 5) == 5
+  config = run_config(cache_dir)  # K = 3, fl.client_parallelism = 0 by default
+  assert config.fl.client_parallelism == 0
+  pick = experiment.client_parallelism
+  mesh = mesh_lib.make_mesh(2, mesh_lib.CLIENTS)
+  assert [pick(config, None, False, b) for b in ("cpu", "gpu")] == [1, 3]
+  assert pick(config, mesh, False, "gpu") == 2  # 3 clients padded to 4 slots, 2 a device
+  assert pick(config, mesh, True, "gpu") == 3  # a sweep member trains all of its clients
+  config.fl.client_parallelism = 2
+  assert pick(config, None, False, "cpu") == 2
