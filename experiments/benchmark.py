@@ -187,14 +187,23 @@ def _best_parallelism(scale: Scale) -> int:
 
 
 def section_torch(scale: Scale) -> dict:
-  from experiments import torch_reference
-
+  """The PyTorch arm runs in a subprocess: torch's OpenMP threads keep spinning after a run and
+  slowed the JAX rounds measured after it in the same process by about 10 %."""
   jax_record = time_jax_round(scale, parallelism=_best_parallelism(scale))
-  torch_record = torch_reference.time_rounds(
-      variant=scale.variant, image_size=scale.image_size, channels=scale.channels,
-      num_classes=scale.num_classes, rank=scale.rank, alpha=scale.alpha, clients=scale.clients,
-      local_steps=scale.local_steps, batch_size=scale.batch_size,
-      examples_per_client=scale.examples_per_client, rounds=scale.rounds, warmup=1)
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "torch.json")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.torch_reference", f"--variant={scale.variant}",
+         f"--image_size={scale.image_size}", f"--channels={scale.channels}",
+         f"--num_classes={scale.num_classes}", f"--rank={scale.rank}", f"--alpha={scale.alpha}",
+         f"--clients={scale.clients}", f"--local_steps={scale.local_steps}",
+         f"--batch_size={scale.batch_size}", f"--examples_per_client={scale.examples_per_client}",
+         f"--rounds={scale.rounds}", "--warmup=1", f"--out={out}"],
+        capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+      raise RuntimeError(f"PyTorch benchmark subprocess failed:\n{done.stderr[-3000:]}")
+    with open(out) as f:
+      torch_record = json.load(f)
   return {"softjax": jax_record, "torch": torch_record,
           "torch_over_softjax": torch_record["round_s"] / jax_record["round_s"]}
 

@@ -20,7 +20,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from softjax.models import checkpoint as model_checkpoint
 
   return (config_lib.ConfigError, checkpointing.CheckpointError, FileNotFoundError,
-          model_checkpoint.CheckpointMismatchError, experiment.NonFiniteLossError)
+          model_checkpoint.CheckpointMismatchError, experiment.NonFiniteLossError,
+          experiment.WorkdirError)
 
 
 def exit_on_user_error(fn, *args, **kwargs):

@@ -4,7 +4,8 @@ A checkpoint at step s holds the run state after s completed rounds: the device 
 LoRA + head, and later per-client residuals) and a JSON record of host state (the config it was
 made with; later the virtual queue and solver counters). Orbax writes each step to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous
-checkpoint intact and the half-written one is never picked up.
+checkpoint intact and the half-written one is never picked up. A complete step that cannot
+be read (damaged files) is skipped for the previous one, with a warning (`restore_latest`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -20,6 +22,10 @@ PyTree = Any
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be used for this run; the message says why."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+  """A step directory is there but its files cannot be read (truncated, garbled, missing)."""
 
 
 class RunCheckpointer:
@@ -60,11 +66,45 @@ class RunCheckpointer:
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as e:  # orbax raises several types for a malformed step directory
-      raise CheckpointError(
-          f"checkpoint {self.directory}/{step} could not be read ({type(e).__name__}: {e}). "
-          "Delete that step directory to resume from an older one, or use a new --workdir."
+      raise UnreadableCheckpointError(
+          f"checkpoint {self.directory}/{step} could not be read ({type(e).__name__}: {e})."
       ) from e
     return restored.state, dict(restored.host)
+
+  def restore_latest(self, template: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """(step, state, host) of the newest readable checkpoint; None when there is no checkpoint.
+
+    A step whose files cannot be read (truncated, garbled, missing) is skipped with a logged
+    warning and the next older step is tried. Once one is read, the unreadable newer step
+    directories are renamed to `<step>.unreadable` (kept, never deleted), so that the resumed
+    run can save those steps again. When no step can be read, a CheckpointError lists them all
+    and nothing is renamed. Any other CheckpointError (another model) is raised at once.
+    """
+    unreadable = {}
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, host = self.restore(step, template)
+      except UnreadableCheckpointError as e:
+        logging.warning("%s Trying the previous checkpoint.", e)
+        unreadable[step] = e
+        continue
+      for bad in unreadable:
+        path = os.path.join(self.directory, str(bad))
+        kept, n = path + ".unreadable", 1
+        while os.path.exists(kept):
+          kept, n = f"{path}.unreadable-{n}", n + 1
+        os.rename(path, kept)
+        logging.warning("resuming from step %d; the unreadable %s is kept as %s", step, path,
+                        kept)
+      if unreadable:
+        self._manager.reload()
+      return step, state, host
+    if unreadable:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be read:\n  " +
+          "\n  ".join(str(e) for e in unreadable.values()) +
+          f"\nDelete or move {self.directory} to start the run over, or use a new --workdir.")
+    return None
 
   def _check_shapes(self, step: int, template: PyTree) -> None:
     """Compares the saved tree's leaf paths and shapes with the template's."""

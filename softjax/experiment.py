@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -48,6 +49,32 @@ HOST_STREAM_PARTITION = 1  # host rng streams: [seed, stream, ...]; 0 is client 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be created or written; raised before any setup or compilation."""
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that a file can be written in it."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"--workdir {workdir} is not a writable directory ({e}); choose another "
+                       "--workdir") from e
+
+
+def _check_finite_state(tree: dict, round_number: int, directory: str) -> None:
+  """Refuses to checkpoint NaN/inf parameters (a loss can be finite while the update is not)."""
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+         if not bool(jnp.all(jnp.isfinite(x)))]
+  if bad:
+    raise NonFiniteLossError(
+        f"round {round_number}: the run state has NaN/inf values in {', '.join(bad[:3])}"
+        f"{' ...' if len(bad) > 3 else ''} (the training loss was still finite); it is not "
+        f"checkpointed, the last good checkpoint in {directory} is kept. Lower fl.client_lr.")
 
 
 @dataclasses.dataclass
@@ -326,10 +353,10 @@ def _tree_to_state(tree: dict) -> federated.ServerState:
 def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.ConfigDict,
                     init_state: federated.ServerState):
   """(state, host record, completed rounds) from the newest checkpoint, or the initial state."""
-  step = ckpt.latest_step()
-  if step is None:
+  restored = ckpt.restore_latest(_state_to_tree(init_state))
+  if restored is None:
     return init_state, {}, 0
-  tree, host = ckpt.restore(step, _state_to_tree(init_state))
+  step, tree, host = restored
   conflicts = config_lib.resume_conflicts(host["config"], config)
   saved_rounds = host["config"]["fl"]["rounds"]
   if config.fl.lr_schedule != "constant" and saved_rounds != config.fl.rounds:
@@ -538,7 +565,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if config.mesh.distributed:
     m = config.mesh  # before anything touches a device
     mesh_lib.initialize_distributed(m.coordinator_address, m.num_processes, m.process_id)
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir)
   start = time.time()
   shared, members = build_setup(config)
   if shared.mesh is not None:
@@ -589,7 +616,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       line = metrics_lib.progress_line(rows[0], rounds, rate)
       print(line + (f" | member 1 of {len(rows)}" if runner.swept else ""), flush=True)
       if ckpt.should_save(t + 1, rounds):
-        ckpt.save(t + 1, _state_to_tree(state), _host_record(config, cum_bits, members))
+        tree = _state_to_tree(state)
+        _check_finite_state(tree, t + 1, ckpt.directory)
+        ckpt.save(t + 1, tree, _host_record(config, cum_bits, members))
       if on_round_end is not None:
         on_round_end(t + 1)
   finally:

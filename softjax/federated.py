@@ -86,7 +86,7 @@ def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0,
 
 
 class RoundMetrics(NamedTuple):
-  train_loss: jax.Array  # float32 [], data-weighted mean over sampled clients
+  train_loss: jax.Array  # float32 [], data-weighted mean over sampled clients (lost uploads too)
   client_loss: jax.Array  # float32 [K], mean local loss per sampled client
   client_bits: jax.Array  # int32 [K], uplink bits per sampled client (ALGORITHM.md 2.5)
   client_latency_s: jax.Array  # float32 [K], c_k + bits_k / R_k(b_k); 0 without an uplink
@@ -128,9 +128,10 @@ def default_parallelism(backend: str, clients: int) -> int:
   """fl.client_parallelism = 0: how many of `clients` slots one device trains at once.
 
   A CPU runs them one after another inside the compiled program: one client's matmuls already
-  keep its cores busy and its caches prefer small batches, so batching clients only slows the
-  round (docs/benchmarks.md, client_parallelism sweep). A GPU or TPU vmaps all of them, since one
-  client's batch leaves most of the chip idle.
+  keep its cores busy. On the 2-core machine of docs/benchmarks.md, 2 at a time was 3-13 %
+  faster than 1 (within run-to-run noise of the same size), 3 to K were slower; 1 is kept since
+  it also keeps the recorded CPU results reproducible bit for bit (a vmap changes rounding). A
+  GPU or TPU vmaps all of them, since one client's batch leaves most of the chip idle.
   """
   return 1 if backend == "cpu" else clients
 
@@ -322,14 +323,18 @@ def make_round(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_siz
     if hparams.uplink is None:
       latency = jnp.zeros(bits.shape, jnp.float32)
     else:
-      # The server waits for the uploads that arrive; a lost one does not hold the round.
+      # The server waits for the uploads that arrive; a lost one does not hold the round
+      # (a where, not a product: a lost upload over a dead link must give 0, not 0 * inf = NaN).
       link = hparams.uplink
-      latency = received * wireless.client_latencies_s(
-          bits, link.bandwidth_hz, link.snr_coeff, link.compute_s, xp=jnp)
+      latency = jnp.where(received > 0, wireless.client_latencies_s(
+          bits, link.bandwidth_hz, link.snr_coeff, link.compute_s, xp=jnp), 0.0)
       bits = (bits * received).astype(bits.dtype)  # delivered bits
     cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
            else jnp.zeros((), jnp.float32))
-    metrics = RoundMetrics(train_loss=jnp.dot(weights, losses), client_loss=losses[:k],
+    # Every sampled client trained, whether or not its upload arrived, so the reported loss
+    # weighs them all by data size (a round whose uploads were all lost still has a loss).
+    train_loss = jnp.dot(aggregation_weights(data_counts * valid), losses)
+    metrics = RoundMetrics(train_loss=train_loss, client_loss=losses[:k],
                            client_bits=bits, client_latency_s=latency,
                            dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
                            orth_residual=global_orth_residual(lora))

@@ -29,11 +29,15 @@ def to_python(value: Any) -> Any:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-  """All rows of a metrics.jsonl file ([] when it does not exist)."""
+  """All rows of a metrics.jsonl file ([] when it does not exist).
+
+  A last line without its newline is a row cut off by a crash mid-write; it is skipped (its
+  round has no checkpoint yet, so a resumed run computes it again).
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
 
 class MetricsWriter:

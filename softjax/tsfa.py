@@ -708,12 +708,14 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
                         compute_s, *, total_bw_hz: float, b_min_hz: float = DEFAULT_B_MIN_HZ,
                         cvx_problem: MinLatencyProblem | None = None,
                         primary: str = "cvx") -> P3Decision:
-  """P3 with the fallback chain CVX -> NumPy twin -> equal split with m = 1; never raises.
+  """P3 with the fallback chain CVX -> NumPy twin -> equal split with m = 1; no solver failure
+  raises.
 
-  A solver fails when it raises, reports a status other than optimal, or returns a non-finite
-  latency; each failure is logged and the next stage runs. The last stage gives every client
-  B_tot / K and the smallest candidate m (1 for the usual 1..r) and cannot fail (its latency may
-  be inf if a client has no gain at all; the run goes on and the queue records it).
+  A solver fails when it raises, reports a status other than optimal, returns a non-finite
+  latency, or returns an allocation the round cannot use (`_check_allocation`); each failure is
+  logged and the next stage runs. The last stage gives every client B_tot / K and the smallest
+  candidate m (1 for the usual 1..r) and cannot fail (its latency may be inf if a client has no
+  gain at all; the run goes on and the queue records it).
 
   Args:
     m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s: as in `solve_p3`.
@@ -723,10 +725,18 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
     primary: "cvx" (default) or "numpy" (start at the twin).
 
   Returns:
-    A P3Decision.
+    A P3Decision whose allocation is valid: m one of m_candidates, K finite positive bands
+    summing to at most B_tot (a stage's answer that is not counts as a failure).
+
+  Raises:
+    ValueError: total_bw_hz is not a finite number > 0 (no split of no band exists).
 
   References: ALGORITHM.md section 6.
   """
+  if not (np.isfinite(total_bw_hz) and total_bw_hz > 0):
+    raise ValueError("total_bw_hz must be a finite number > 0 Hz (config "
+                     f"wireless.bandwidth_mhz), got {total_bw_hz}")
+  m_candidates = list(m_candidates)
   errors = []
   stages = []
   if primary == "cvx":
@@ -740,8 +750,9 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
         raise SolverFailure("no compiled CVXPY problem was given")
       m, bandwidth, tau, objective = solve_p3(m_candidates, phi_fn, V, Q, tbar_s, bits_fn,
                                               snr_coeff, compute_s, solver)
-      if not (np.isfinite(objective) and np.all(np.isfinite(bandwidth))):
-        raise SolverFailure("non-finite objective or bandwidth")
+      if not np.isfinite(objective):
+        raise SolverFailure("non-finite objective")
+      _check_allocation(m, bandwidth, m_candidates, np.size(snr_coeff), total_bw_hz)
       return P3Decision(m, bandwidth, tau, objective, name, len(errors), tuple(errors))
     except Exception as e:  # any failure of a stage, whatever its type, moves to the next
       message = f"{name}: {type(e).__name__}: {e}"
@@ -749,6 +760,19 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
       errors.append(message)
   return _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s,
                          total_bw_hz, errors)
+
+
+def _check_allocation(m, bandwidth, m_candidates, k: int, total_bw_hz: float) -> None:
+  """Raises SolverFailure unless (m, bandwidth) is an allocation the round can use."""
+  bandwidth = np.asarray(bandwidth)
+  if m not in m_candidates:
+    raise SolverFailure(f"m = {m} is not one of the candidates {list(m_candidates)}")
+  if bandwidth.shape != (k,) or not np.all(np.isfinite(bandwidth)):
+    raise SolverFailure(f"bandwidth must be {k} finite values, got {bandwidth}")
+  if not np.all(bandwidth > 0):
+    raise SolverFailure(f"bandwidth has a non-positive share: {bandwidth}")
+  if bandwidth.sum() > total_bw_hz * (1 + 1e-9):
+    raise SolverFailure(f"bandwidth sums to {bandwidth.sum():.6g} Hz > B_tot {total_bw_hz:.6g} Hz")
 
 
 def _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s,

@@ -79,3 +79,19 @@ def test_a_lost_upload_is_left_out_and_kept_as_residual():
   whole_u = jax.tree.map(jnp.subtract, local.lora, state.trainable.lora)
   chex.assert_trees_all_close(jax.tree.map(lambda r: r[1], lost.residuals), whole_u,
                               rtol=1e-5, atol=1e-7)
+
+
+def test_a_round_with_every_upload_lost_keeps_the_model_and_reports_its_loss():
+  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  clients = jnp.array([0, 2], jnp.int32)
+  round_fn = jax.jit(federated.make_round(apply_fn, optimizer="sgd", local_steps=2,
+                                          batch_size=4, client_parallelism=1))
+  lost = federated.make_hparams(0.05, uplink=(np.full(2, 1e6), np.full(2, 1e9),
+                                              np.full(2, 0.01), np.zeros(2)))
+  new_state, metrics = round_fn(state, frozen, data, clients, jax.random.key(0), lost)
+  chex.assert_trees_all_equal(new_state.trainable, state.trainable)
+  counts = np.asarray(data.counts)[[0, 2]]
+  want = np.dot(counts / counts.sum(), np.asarray(metrics.client_loss))
+  assert float(metrics.train_loss) > 0
+  np.testing.assert_allclose(metrics.train_loss, want, rtol=1e-6)
+  np.testing.assert_array_equal(metrics.client_bits, [0, 0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -57,6 +58,11 @@ class Dataset(NamedTuple):
 
 class DatasetNotFoundError(FileNotFoundError):
   """The data of a source is not on this machine; the message says how to get it."""
+
+
+class DatasetCorruptError(DatasetNotFoundError):
+  """A data file exists but cannot be read (truncated, garbled); the message names it and says
+  how to get a good copy. A subclass of DatasetNotFoundError: the usable data is missing."""
 
 
 SourceFn = Callable[[str | None], Dataset]
@@ -173,11 +179,18 @@ def read_idx(path: str) -> np.ndarray:
     The array, in native byte order.
 
   Raises:
-    ValueError: if the header is malformed or the payload has the wrong size.
+    ValueError: naming the file, if it cannot be decompressed (truncated or
+      garbled), its header is malformed or the payload has the wrong size.
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except FileNotFoundError:
+    raise
+  except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+    raise ValueError(f"{path}: cannot be read, the file is truncated or damaged"
+                     f" ({type(err).__name__}: {err})") from err
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f"{path}: not an idx file (magic {raw[:4].hex()})")
   dtype = _IDX_DTYPES[raw[2]]
@@ -343,6 +356,7 @@ def fashion_mnist(data_dir: str | None = None) -> Dataset:
 
   Raises:
     DatasetNotFoundError: if neither the TFDS data nor the idx files exist.
+    DatasetCorruptError: naming the file, if an idx file cannot be read.
   """
   tfds_error = None
   if data_dir is not None:
@@ -369,8 +383,15 @@ def fashion_mnist(data_dir: str | None = None) -> Dataset:
         f" or download the four official *-ubyte.gz files into a directory"
         f" and set ${FASHION_MNIST_ENV} to it.{tfds_note}"
     )
-  train_images, train_labels = _read_idx_pair(directory, "train")
-  test_images, test_labels = _read_idx_pair(directory, "t10k")
+  try:
+    train_images, train_labels = _read_idx_pair(directory, "train")
+    test_images, test_labels = _read_idx_pair(directory, "t10k")
+  except ValueError as err:
+    raise DatasetCorruptError(
+        f"{err}. Replace the damaged file: `sudo apt-get install --reinstall"
+        f" dataset-fashion-mnist` (files land in {FASHION_MNIST_SYSTEM_DIR}),"
+        f" or download the four official *-ubyte.gz files again into {directory}."
+    ) from err
   return Dataset(
       name="fashion_mnist",
       train_images=train_images,
