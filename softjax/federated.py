@@ -364,17 +364,14 @@ def _num_rows(state: ServerState) -> int:
 
 
 def _constrain(state: ServerState, metrics: RoundMetrics, mesh: Mesh):
-  """Pins the round's outputs to the shardings its inputs had: the global model and the metrics
-  replicated (every process reads them), the residuals along N, so the next round sees the same
-  shardings and nothing recompiles."""
+  """Pins the round's outputs to the layout its inputs had (mesh.state_shardings; the metrics
+  replicated, every process reads them), so the next round sees the same shardings and nothing
+  recompiles."""
+  pin = lambda tree, shardings: jax.tree.map(  # noqa: E731
+      jax.lax.with_sharding_constraint, tree, shardings)
   rep = mesh_lib.replicated(mesh)
-  pin = lambda tree, s: jax.tree.map(  # noqa: E731
-      lambda x: jax.lax.with_sharding_constraint(x, s), tree)
-  residuals = jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, mesh_lib.leading_sharding(mesh, x.shape[0])),
-      state.residuals)
-  return (state._replace(trainable=pin(state.trainable, rep), round=pin(state.round, rep),
-                         residuals=residuals), pin(metrics, rep))
+  return (pin(state, mesh_lib.state_shardings(state, mesh)),
+          pin(metrics, jax.tree.map(lambda _: rep, metrics)))
 
 
 def _per_client(values: jax.Array, like: jax.Array) -> jax.Array:

@@ -165,16 +165,17 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
   return jax.make_array_from_process_local_data(along_axis(mesh), local, global_shape)
 
 
-def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:
-  """A federated.ServerState on the mesh.
+def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
+  """The layout a clients-mesh round keeps a federated.ServerState in, one sharding per leaf:
+  the global model and the round counter replicated, the [N, ...] residuals split along N
+  (replicated when N does not divide evenly)."""
+  rep = replicated(mesh)
+  return state._replace(
+      trainable=jax.tree.map(lambda _: rep, state.trainable), round=rep,
+      residuals=jax.tree.map(lambda x: leading_sharding(mesh, x.shape[0]), state.residuals))
 
-  stacked (a sweep's [S, ...] state): every leaf split along the members axis. Otherwise the
-  global model and the round counter are replicated and the [N, ...] residuals split along N
-  (replicated when N does not divide evenly), the layout the sharded round keeps.
-  """
-  if stacked:
-    return place(state, along_axis(mesh))
-  residuals = place(state.residuals, jax.tree.map(lambda x: leading_sharding(mesh, x.shape[0]),
-                                                  state.residuals))
-  return state._replace(trainable=place(state.trainable, replicated(mesh)),
-                        round=place(state.round, replicated(mesh)), residuals=residuals)
+
+def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:
+  """A federated.ServerState on the mesh: `state_shardings`, or for a sweep's stacked [S, ...]
+  state every leaf split along the members axis."""
+  return place(state, along_axis(mesh) if stacked else state_shardings(state, mesh))
