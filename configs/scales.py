@@ -5,9 +5,7 @@
   test:  8x8 digits and a 2-block ViT (configs/testing.py): seconds, for tests.
 """
 
-from configs import cifar100_vitb16
-from configs import quickstart
-from configs import testing
+from configs import cifar100_vitb16, quickstart, testing
 from softjax import config as config_lib
 
 SCALES = ("cpu", "paper", "test")

@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
+
+from experiments import common
 
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.json and benchmark.md.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
@@ -91,11 +92,14 @@ def make_jax_round(scale: Scale, parallelism: int, mesh_devices: int = 1, seed: 
   import jax.numpy as jnp
   import numpy as np
 
-  from softjax import experiment
-  from softjax import federated
-  from softjax import mesh as mesh_lib
+  from softjax.federated import client as client_lib
+  from softjax.federated import placement
+  from softjax.federated import round as round_lib
+  from softjax.federated import types as fl_types
+  from softjax.models import apply as apply_lib
   from softjax.models import lora as lora_lib
   from softjax.models import vit
+  from softjax.run import setup as setup_lib
 
   vit_config = vit.make_vit_config(scale.variant, image_size=scale.image_size,
                                    channels=scale.channels, num_classes=scale.num_classes)
@@ -105,39 +109,39 @@ def make_jax_round(scale: Scale, parallelism: int, mesh_devices: int = 1, seed: 
   params = lora_lib.init_params(model, jax.random.key(seed), shape)
   frozen, head = lora_lib.split_head(params)
   lora = lora_lib.init_lora(model, jax.random.key(seed + 1), shape)
-  apply_fn = experiment.make_apply_fn(model)
+  apply_fn = apply_lib.make_apply_fn(model)
   rng = np.random.default_rng(seed)
   n, k = scale.examples_per_client, scale.clients
   images = rng.integers(0, 256, (k * n,) + shape, dtype=np.uint8)
   labels = rng.integers(0, scale.num_classes, k * n).astype(np.int32)
   clients = [np.arange(i * n, (i + 1) * n) for i in range(k)]
-  mesh = mesh_lib.make_mesh(mesh_devices, mesh_lib.CLIENTS)
-  data = experiment.federated_data(images, labels, clients, mesh, shard=False)
-  frozen = experiment.to_devices(frozen, mesh)
-  state = federated.init_state(lora, head, num_clients=k, error_feedback=False)
-  round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=scale.local_steps,
-                                  batch_size=scale.batch_size, client_parallelism=parallelism,
-                                  mesh=mesh)
-  step = jax.jit(round_fn, donate_argnums=0)
+  mesh = placement.make_mesh(mesh_devices, placement.CLIENTS)
+  data = setup_lib.federated_data(images, labels, clients, mesh, shard=False)
+  frozen = setup_lib.to_devices(frozen, mesh)
+  state = fl_types.init_state(lora, head, num_clients=k, error_feedback=False)
+  phases = round_lib.make_phases(apply_fn, optimizer="sgd", local_steps=scale.local_steps,
+                                 batch_size=scale.batch_size, client_parallelism=parallelism)
+  step = jax.jit(placement.place_round(phases, mesh), donate_argnums=0,
+                 out_shardings=None if mesh is None else placement.round_out_shardings(state, mesh))
   ids = jnp.arange(k, dtype=jnp.int32)
-  hparams = federated.make_hparams(0.03)
+  hparams = fl_types.make_hparams(0.03)
   key = jax.random.key(seed)
 
   def fresh_state():
     return (jax.device_put(state) if mesh is None
-            else mesh_lib.place_state(state, mesh, stacked=False))
+            else placement.place_state(state, mesh, stacked=False))
 
   layer_dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(lora)]
-  per_example = experiment.flops_per_example(vit_config, scale.rank, layer_dims)
+  per_example = apply_lib.model_flops_per_example(vit_config, scale.rank, layer_dims)
   round_flops = per_example * k * scale.local_steps * scale.batch_size
 
   def xla_step_flops():
     """XLA's FLOP count of one local step (value_and_grad on one batch), x K x E."""
-    trainable = federated.Trainable(lora=lora, head=head)
+    trainable = fl_types.Trainable(lora=lora, head=head)
     x = jnp.zeros((scale.batch_size,) + shape, jnp.float32)
     y = jnp.zeros((scale.batch_size,), jnp.int32)
     grad = jax.jit(jax.value_and_grad(
-        lambda t: federated.cross_entropy(apply_fn(frozen, t, x), y)))
+        lambda t: client_lib.cross_entropy(apply_fn(frozen, t, x), y)))
     cost = grad.lower(trainable).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", float("nan"))) * k * scale.local_steps
@@ -181,9 +185,9 @@ def _best_parallelism(scale: Scale) -> int:
   """What fl.client_parallelism = 0 picks on this backend."""
   import jax
 
-  from softjax import federated
+  from softjax.federated import schedule
 
-  return federated.default_parallelism(jax.default_backend(), scale.clients)
+  return schedule.default_parallelism(jax.default_backend(), scale.clients)
 
 
 def section_torch(scale: Scale) -> dict:
@@ -277,7 +281,7 @@ def section_host(scale: Scale) -> dict:
   """A real run (OSFA + SOFT, CVX solver every round) with a random backbone; eval only at
   the end and no checkpoints in between, so the rows' times are the rounds'."""
   from softjax import config as config_lib
-  from softjax import experiment
+  from softjax.run import experiment
 
   config = config_lib.load(scale.host_config).unlock()
   config.model.backbone = "random"
@@ -395,7 +399,6 @@ def markdown(record: dict) -> str:
 
 def main(argv):
   del argv
-  from experiments import common
 
   common.quiet_libraries()
   devices = [int(d) for d in _DEVICES.value]
@@ -416,4 +419,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

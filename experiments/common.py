@@ -1,9 +1,12 @@
 """What every launcher in experiments/ shares."""
 
 import json
+import os
+import sys
 
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
+
+from softjax import errors
 
 
 def quiet_libraries() -> None:
@@ -12,24 +15,55 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-  """Errors caused by what the user asked for: reported as one message, without a traceback."""
-  from softjax import checkpointing
-  from softjax import config as config_lib
-  from softjax import experiment
-  from softjax.models import checkpoint as model_checkpoint
-
-  return (config_lib.ConfigError, checkpointing.CheckpointError, FileNotFoundError,
-          model_checkpoint.CheckpointMismatchError, experiment.NonFiniteLossError,
-          experiment.WorkdirError)
-
-
 def exit_on_user_error(fn, *args, **kwargs):
-  """Calls fn; a user error ends the program with its message and exit status 1."""
+  """Calls fn; an error the user can fix ends the program with its one-line message.
+
+  A `UserError` exits with status 1 (`error: ...`), Ctrl-C with 130: inside the round loop the
+  run says after which round it stopped; anywhere else (set-up, pretraining) nothing was
+  checkpointed yet that a rerun would not redo.
+  """
   try:
     return fn(*args, **kwargs)
-  except user_errors() as e:
+  except errors.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_status) from None
+  except errors.UserError as e:
     raise SystemExit(f"error: {e}") from None
+  except KeyboardInterrupt:
+    print("interrupted before the first round; run the same command to start again",
+          file=sys.stderr, flush=True)
+    raise SystemExit(errors.Interrupted.exit_status) from None
+
+
+def run_launcher(main, argv: list[str] | None = None) -> None:
+  """`app.run(main)`, with errors in the `--config=FILE.py:arg` flag reported in one line.
+
+  absl parses the flags before `main` runs; a config file that does not exist or an argument
+  it cannot parse would otherwise end in a traceback or a deferred IOError.
+  """
+  argv = sys.argv if argv is None else argv
+  try:
+    spec = _flag_value(argv, "config")
+    if spec and (spec.endswith(".py") or ".py:" in spec):
+      path = spec.partition(":")[0]
+      if not os.path.isfile(path):
+        raise errors.ConfigFileError(f"--config: config file {path} does not exist; pass a "
+                                     "file from configs/, e.g. configs/quickstart.py")
+    app.run(main, argv)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of `--name=V` or `--name V` in argv (the last one given), or None."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def write_json(path: str | None, obj) -> None:

@@ -7,12 +7,9 @@ ranks 4, 8, 16, 64; the ratio slora / soft is measured in one process on one mac
 """
 
 
-from absl import app
 from absl import flags
 
-from experiments import common
-
-from experiments import compression_cost
+from experiments import common, compression_cost
 
 _OUT = flags.DEFINE_string("out", None, "Write the records as JSON here.")
 _RANKS = flags.DEFINE_list("ranks", ["4", "8", "16", "64"], "LoRA ranks.")
@@ -32,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

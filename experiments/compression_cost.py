@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from softjax import sparsifiers
+from softjax.sparsify import sparsifier as sparsifiers
 
 
 def random_lora(key: jax.Array, layers: int, d_in: int, d_out: int, rank: int) -> dict:

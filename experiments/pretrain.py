@@ -10,14 +10,13 @@ The images used are the `data.pretrain_fraction` of the training split that no f
 holds, restricted to classes 0..pretrain.num_classes-1.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
-from softjax import backbone
 from softjax import config as config_lib
 from softjax.data import sources
+from softjax.models import backbone
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file in configs/.",
                                           lock_config=True)
@@ -43,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

@@ -19,15 +19,12 @@ import os
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 
 from configs import e1 as e1_config
 from configs import tsfa as tsfa_config
-from experiments import common
-from experiments import compression_cost
-from softjax import experiment
-from softjax import plots
+from experiments import common, compression_cost, plots
+from softjax.run import experiment
 
 ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6")
 _EXPERIMENT = flags.DEFINE_enum("experiment", None, list(ALL_EXPERIMENTS) + ["all"],
@@ -392,4 +389,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

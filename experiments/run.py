@@ -7,12 +7,11 @@ r"""Launches (or resumes) a federated experiment from a config file.
 Running the same command again on the same workdir resumes from its newest checkpoint.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from softjax import experiment
+from softjax.run import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file in configs/.",
                                           lock_config=True)
@@ -28,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

@@ -18,14 +18,13 @@ time by `K x per-client training time`, with the per-client time given for two s
 import statistics
 import time
 
-from absl import app
 from absl import flags
-
-from experiments import common
 import numpy as np
 
-from softjax import tsfa
-from softjax import wireless
+from experiments import common
+from softjax.sparsify import payload
+from softjax.tsfa import online, solvers
+from softjax.wireless import channel as channel_lib
 
 _KS = flags.DEFINE_list("clients", ["10", "100", "500"], "Clients per round K.")
 _RANK = flags.DEFINE_integer("rank", 8, "LoRA rank r (P3 enumerates m = 1..r).")
@@ -38,11 +37,11 @@ LAYERS = [(768, 768)] * 24  # ViT-B/16 query and value
 HEAD_PARAMS = 768 * 100 + 100
 
 
-def _round(k: int, seed: int, cfg: wireless.ChannelConfig):
+def _round(k: int, seed: int, cfg: channel_lib.ChannelConfig):
   """One round's channel for K clients of a placed population, with fresh Rayleigh fading."""
   rng = np.random.default_rng(seed)
-  beta = wireless.large_scale_gain(wireless.place_clients(k, cfg, seed), cfg, seed)
-  a = wireless.snr_coefficient_hz(beta, rng.exponential(size=k), cfg)
+  beta = channel_lib.large_scale_gain(channel_lib.place_clients(k, cfg, seed), cfg, seed)
+  a = channel_lib.snr_coefficient_hz(beta, rng.exponential(size=k), cfg)
   return a, rng.uniform(0.1, 0.5, k)
 
 
@@ -60,15 +59,15 @@ def _timed(fn, args_list) -> tuple[float, int]:
 
 
 def measure(k: int, rank: int, instances: int) -> dict:
-  cfg = wireless.ChannelConfig()
-  bits_fn = tsfa.upload_bits_fn(LAYERS, rank, 32, HEAD_PARAMS)
+  cfg = channel_lib.ChannelConfig()
+  bits_fn = payload.upload_bits_fn(LAYERS, rank, 32, HEAD_PARAMS)
   rounds = [_round(k, seed, cfg) for seed in range(instances)]
   start = time.perf_counter()
-  problem = tsfa.MinLatencyProblem(k, cfg.bandwidth_hz)  # builds, checks DPP, compiles
+  problem = solvers.MinLatencyProblem(k, cfg.bandwidth_hz)  # builds, checks DPP, compiles
   build_s = time.perf_counter() - start
   dense = np.full(k, float(bits_fn(rank)))
   cvx_s, cvx_failures = _timed(problem.solve, [(dense, a, c) for a, c in rounds])
-  twin = lambda bits, a, c: tsfa.min_latency_numpy(bits, a, c, cfg.bandwidth_hz)  # noqa: E731
+  twin = lambda bits, a, c: solvers.min_latency_numpy(bits, a, c, cfg.bandwidth_hz)  # noqa: E731
   twin_s, twin_failures = _timed(twin, [(dense, a, c) for a, c in rounds])
   phi = lambda m: 1.0 - m / rank  # noqa: E731
   record = {"clients": k, "rank": rank, "instances": instances, "cvx_build_s": build_s,
@@ -79,7 +78,7 @@ def measure(k: int, rank: int, instances: int) -> dict:
     decisions = []
 
     def p3(a, c, primary=primary):
-      decisions.append(tsfa.solve_with_fallback(
+      decisions.append(online.solve_with_fallback(
           range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn, a, c, total_bw_hz=cfg.bandwidth_hz,
           cvx_problem=problem, primary=primary))
 
@@ -111,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

@@ -14,13 +14,12 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 from experiments import common
 from softjax import config as config_lib
-from softjax import experiment
-from softjax import sweep
+from softjax.config import sweep
+from softjax.run import experiment
 
 _CONFIG = flags.DEFINE_string("config", "configs/tsfa.py:controller=osfa,scale=cpu",
                               "Launcher spec of the base config.")
@@ -68,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run_launcher(main)

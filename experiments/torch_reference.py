@@ -19,16 +19,16 @@ peft's defaults (B = 0), the backbone is random. Nothing here is used by softjax
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Mapping, Sequence
 import json
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import peft
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from softjax.models.vit import LORA_TARGETS, VARIANTS
 

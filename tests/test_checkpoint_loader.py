@@ -169,6 +169,34 @@ def test_resize_posemb_interpolates_grid():
   assert np.all(np.diff(out, axis=0) >= 0) and np.all(np.diff(out, axis=1) >= 0)
 
 
+def _corner_aligned_linear(grid, new):
+  """Independent reference: separable linear interpolation of a [g, g, D] grid onto G x G
+  sample points j (g - 1) / (G - 1), written with np.interp, channel by channel."""
+  old = grid.shape[0]
+  points = np.arange(new) * (old - 1) / (new - 1)
+  rows = np.stack([[np.interp(points, np.arange(old), grid[:, c, d]) for c in range(old)]
+                   for d in range(grid.shape[2])], -1)  # [G(rows), g(cols), D] after transpose
+  rows = rows.transpose(1, 0, 2)
+  return np.stack([[np.interp(points, np.arange(old), rows[r, :, d]) for r in range(new)]
+                   for d in range(grid.shape[2])], -1).transpose(0, 1, 2)
+
+
+@pytest.mark.parametrize("old, new", [(4, 7), (7, 3), (2, 5), (14, 24)])
+def test_resize_posemb_matches_an_independent_linear_reference(old, new):
+  rng = np.random.default_rng(old * 100 + new)
+  width = 3
+  grid = rng.normal(size=(old, old, width)).astype(np.float32)
+  cls = rng.normal(size=(1, 1, width)).astype(np.float32)
+  posemb = np.concatenate([cls, grid.reshape(1, old * old, width)], axis=1)
+  resized = ckpt_lib.resize_posemb(posemb, 1 + new * new)
+  chex.assert_shape(resized, (1, 1 + new * new, width))
+  np.testing.assert_array_equal(resized[:, :1], cls)  # the class token is kept aside
+  want = _corner_aligned_linear(grid.astype(np.float64), new)
+  np.testing.assert_allclose(resized[0, 1:].reshape(new, new, width), want, atol=1e-5)
+  # The same grid size is the identity.
+  np.testing.assert_array_equal(ckpt_lib.resize_posemb(posemb, 1 + old * old), posemb)
+
+
 def test_non_square_pos_embedding_is_a_mismatch(tmp_path):
   flat = ckpt_lib.flatten_params(template(8))
   flat[POSEMB] = np.zeros((1, 1 + 12, 16), np.float32)

@@ -1,10 +1,12 @@
 """Config files load, the arg parser types values, and every validation rule names its field."""
 
 import importlib
+import re
 
 import pytest
 
 from softjax import config as config_lib
+from tests.support import make_testing_config
 
 CONFIG_MODULES = ("configs.quickstart", "configs.testing", "configs.cifar100_vitb16")
 
@@ -20,19 +22,31 @@ def test_config_files_are_valid_and_locked(name):
 def test_parse_arg_types_values_and_flags():
   args = config_lib.parse_arg("rounds=3,head_only", rounds=30, head_only=False, name="x")
   assert args.rounds == 3 and args.head_only is True and args.name == "x"
-  with pytest.raises(config_lib.ConfigError, match="known arguments"):
+  with pytest.raises(config_lib.ConfigFileError, match="'roundz=3' is unknown.* are rounds"):
     config_lib.parse_arg("roundz=3", rounds=30)
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("rounds=abc", "rounds='abc' is invalid: rounds takes an int"),
+    ("rounds=2.5", "rounds='2.5' is invalid"),
+    ("rounds", "'rounds' needs a value"),
+    ("head_only=3", "head_only='3' is invalid: head_only takes a bool"),
+])
+def test_parse_arg_refuses_malformed_values_with_one_line(arg, match):
+  with pytest.raises(config_lib.ConfigFileError, match=match):
+    config_lib.parse_arg(arg, rounds=30, head_only=False)
+
+
+def test_load_names_a_missing_config_file(tmp_path):
+  with pytest.raises(config_lib.ConfigFileError, match="nothere.py does not exist"):
+    config_lib.load(str(tmp_path / "nothere.py"))
+  assert config_lib.load("configs/testing.py:rounds=2").fl.rounds == 2
 
 
 def test_quickstart_arguments():
   from configs import quickstart
   config = quickstart.get_config("rounds=7,head_only")
   assert config.fl.rounds == 7 and config.lora.targets == ""
-
-
-def make_testing_config():
-  from configs import testing
-  return testing.get_config().unlock()
 
 
 # (field, bad value, text the message must contain)
@@ -64,7 +78,7 @@ RULES = [
     ("fl.lr_schedule", "step", "constant, cosine"),
     ("fl.lr_final_fraction", 1.5, "[0, 1]"),
     ("fl.client_parallelism", 4, "at most fl.clients_per_round"),
-    ("fl.value_bits", 8, "(16, 32)"),
+    ("fl.value_bits", 8, "one of 16, 32"),
     ("method.name", "fedprox", "dense, soft, tlora, rlora, slora"),
     ("method.keep_ratio", 0.0, "(0, 1]"),
     ("method.zeta", -0.1, ">= 0"),
@@ -183,3 +197,61 @@ def test_controllers_need_something_to_sparsify():
   config.lora.targets = ""
   with pytest.raises(config_lib.ConfigError, match="controller.name.*LoRA targets"):
     config_lib.validate(config)
+
+
+FLOAT_FIELDS = [k for k, v in config_lib.flat_items(config_lib.base_config()).items()
+                if isinstance(v, float)]
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_every_float_field_refuses_non_finite_values(field, bad):
+  config = make_testing_config()
+  section, _, leaf = field.rpartition(".")
+  config[section][leaf] = bad
+  with pytest.raises(config_lib.ConfigError, match="finite") as err:
+    config_lib.validate(config)
+  assert err.value.field == field
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("wireless.tx_power_dbm", 120.0, "[-40, 60]"),
+    ("wireless.noise_psd_dbm_hz", 10.0, "thermal noise"),
+    ("wireless.budget_s", float("inf"), "controller.name = 'fixed'"),
+    ("lora.targets", "query,query", "twice"),
+])
+def test_physically_meaningless_values_are_refused(field, value, allowed):
+  config = make_testing_config()
+  section, _, leaf = field.rpartition(".")
+  config[section][leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(allowed)) as err:
+    config_lib.validate(config)
+  assert err.value.field == field
+
+
+def test_model_rules_name_the_config_field():
+  config = make_testing_config()
+  config_lib.validate_against_model(config, image_size=8, patch_size=2, min_adapted_width=16)
+  with pytest.raises(config_lib.ConfigError, match="lora.rank = 4 .* width 3"):
+    config_lib.validate_against_model(config, image_size=8, patch_size=2, min_adapted_width=3)
+  config.data.image_size = 9
+  with pytest.raises(config_lib.ConfigError, match="data.image_size = 9 .* multiple of 2"):
+    config_lib.validate_against_model(config, image_size=9, patch_size=2, min_adapted_width=16)
+
+
+def test_choice_lists_match_the_library_registries():
+  from softjax.config import choices
+  from softjax.data import sources
+  from softjax.models import vit
+  assert sorted(choices.DATA_SOURCES) == sorted(sources.available_sources())
+  assert sorted(choices.MODEL_VARIANTS) == sorted(vit.VARIANTS)
+
+
+def test_config_imports_nothing_from_the_library():
+  import ast
+  import pathlib
+  root = pathlib.Path(config_lib.__file__).parent
+  for path in root.glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("softjax"):
+        assert node.module.startswith(("softjax.config", "softjax.errors")), (path, node.module)

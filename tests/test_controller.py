@@ -10,75 +10,64 @@ import optax
 import pytest
 
 from softjax import config as config_lib
-from softjax import controller as controller_lib
-from softjax import federated
-from softjax import payload
-from softjax import pilot
-from softjax import sparsifiers
-from softjax import tsfa
-from softjax import wireless
 from softjax.data import batching
+from softjax.federated import round as round_lib
+from softjax.federated import schedule
+from softjax.federated import types as fl_types
 from softjax.models import lora as lora_lib
-from tests import test_federated
-
-N, K, RANK = 20, 5, 8
-LAYERS = [(128, 128)] * 12
-HEAD = 1290
-
-
-def _link(bandwidth_hz=1e6, seed=0):
-  cfg = wireless.ChannelConfig(bandwidth_hz=bandwidth_hz)
-  beta = wireless.large_scale_gain(wireless.place_clients(N, cfg, seed), cfg, seed)
-  return controller_lib.Link(cfg, beta, np.random.default_rng(99).uniform(1e11, 3e11, N))
-
-
-def _bits_at(keep_ratio):
-  return payload.lora_upload_bits(LAYERS, rank=RANK, kept=max(1, int(np.ceil(keep_ratio * RANK))),
-                                  value_bits=32, head_params=HEAD)
-
-
-def _controller(mode, link=None, fraction=0.6, **kwargs):
-  link = link or _link()
-  compute = np.random.default_rng(99).uniform(0.1, 0.3, N)
-  tbar = fraction * wireless.dense_budget_s(_bits_at(1.0), link.beta, compute, link.channel, K)
-  return controller_lib.LatencyController(mode, link, compute, seed=0, tbar_s=tbar, rank=RANK,
-                                          bits_at=_bits_at, clients_per_round=K, **kwargs)
+from softjax.sparsify import payload
+from softjax.sparsify import sparsifier as sparsifiers
+from softjax.tsfa import controller as controller_lib
+from softjax.tsfa import offline, online, pilot, solvers
+from softjax.wireless import channel as channel_lib
+from softjax.wireless import link as link_lib
+from tests import support
+from tests.support import (
+  HEAD,
+  LAYERS,
+  RANK,
+  K,
+  N,
+  bits_at,
+  controller_state,
+  make_controller,
+  make_link,
+)
 
 
 def test_channel_config_converts_units():
   w = config_lib.base_config().wireless
-  cfg = controller_lib.channel_config(w)
+  cfg = link_lib.channel_config(w)
   assert cfg.bandwidth_hz == 20e6
   assert cfg.device_flops_range == (2000e9, 6000e9)
   assert cfg.tx_power_dbm == 23.0 and cfg.noise_psd_dbm_hz == -174.0
 
 
 def test_fixed_controller_sends_the_configured_ratio_on_an_equal_split():
-  ctrl = _controller("fixed", fixed_keep_ratio=0.5)
-  clients = federated.sample_clients(0, 3, N, K)
-  plan = ctrl.plan(3, clients, None)
+  ctrl = make_controller("fixed", fixed_keep_ratio=0.5)
+  clients = schedule.sample_clients(0, 3, N, K)
+  plan, _ = ctrl.plan(controller_state(), 3, clients, None)
   assert plan.keep_ratio == 0.5 and plan.m == 4 and plan.solver == "equal"
   np.testing.assert_allclose(plan.bandwidth_hz, np.full(K, 1e6 / K))
   # The channel is that of round 3 for exactly these clients.
-  g = wireless.fading(N, 0, 3)[clients]
+  g = channel_lib.fading(N, 0, 3)[clients]
   np.testing.assert_allclose(plan.snr_coeff,
-                             wireless.snr_coefficient_hz(ctrl.link.beta[clients], g,
+                             channel_lib.snr_coefficient_hz(ctrl.link.beta[clients], g,
                                                          ctrl.link.channel))
-  want = wireless.round_latency_s(np.full(K, _bits_at(0.5)), plan.bandwidth_hz, plan.snr_coeff,
+  want = link_lib.round_latency_s(np.full(K, bits_at(0.5)), plan.bandwidth_hz, plan.snr_coeff,
                                   plan.compute_s)
   assert plan.predicted_latency_s == pytest.approx(want)
 
 
 @pytest.mark.parametrize("solver", ["cvx", "numpy"])
 def test_osfa_plan_is_the_p3_decision(solver):
-  ctrl = _controller("osfa", solver=solver, V=1.0)
-  ctrl.queue = 2.0
-  clients = federated.sample_clients(0, 7, N, K)
+  ctrl = make_controller("osfa", solver=solver, V=1.0)
+  clients = schedule.sample_clients(0, 7, N, K)
   scores = [1.0 / np.arange(1, RANK + 1)] * len(LAYERS)
-  plan = ctrl.plan(7, clients, scores)
-  want = tsfa.solve_with_fallback(range(1, RANK + 1),
-                                  functools.partial(tsfa.phi_from_scores, scores), 1.0, 2.0,
-                                  ctrl.tbar_s, lambda m: _bits_at(m / RANK), plan.snr_coeff,
+  plan, _ = ctrl.plan(controller_state(queue=2.0), 7, clients, scores)
+  want = online.solve_with_fallback(range(1, RANK + 1),
+                                  functools.partial(online.phi_from_scores, scores), 1.0, 2.0,
+                                  ctrl.tbar_s, lambda m: bits_at(m / RANK), plan.snr_coeff,
                                   plan.compute_s, total_bw_hz=1e6, primary="numpy")
   assert plan.m == want.m and plan.keep_ratio == want.m / RANK
   np.testing.assert_allclose(plan.bandwidth_hz, want.bandwidth_hz, rtol=2e-3)
@@ -87,36 +76,40 @@ def test_osfa_plan_is_the_p3_decision(solver):
 
 
 def test_tsfa_sends_o0_in_round_0_then_solves_p3():
-  ctrl = _controller("tsfa", first_keep_ratio=0.25, solver="numpy")
-  first = ctrl.plan(0, federated.sample_clients(0, 0, N, K), None)
+  ctrl = make_controller("tsfa", first_keep_ratio=0.25, solver="numpy")
+  first, state = ctrl.plan(controller_state(), 0, schedule.sample_clients(0, 0, N, K), None)
   assert first.keep_ratio == 0.25 and first.m == 2 and first.solver == "numpy"
   # With an empty queue P3 ignores latency and sends everything (Phi = 1 - m / r at B = 0).
-  later = ctrl.plan(1, federated.sample_clients(0, 1, N, K), None)
+  later, _ = ctrl.plan(state, 1, schedule.sample_clients(0, 1, N, K), None)
   assert later.m == RANK and later.keep_ratio == 1.0
 
 
-def test_queue_and_counters_survive_a_state_dict_round_trip():
-  ctrl = _controller("osfa", solver="numpy")
-  assert ctrl.observe(3.0 * ctrl.tbar_s) == pytest.approx(2.0)
-  assert ctrl.observe(0.5 * ctrl.tbar_s) == pytest.approx(1.5)
-  other = _controller("osfa", solver="numpy")
-  other.load_state_dict(ctrl.state_dict())
-  assert other.queue == ctrl.queue and other.fallbacks == ctrl.fallbacks
-  clients = federated.sample_clients(0, 4, N, K)
-  a, b = ctrl.plan(4, clients, None), other.plan(4, clients, None)
-  assert a.m == b.m
+def test_plan_and_observe_are_pure_functions_of_the_state():
+  ctrl = make_controller("osfa", solver="numpy")
+  start = controller_lib.init_state()
+  state = ctrl.observe(start, 3.0 * ctrl.tbar_s)
+  assert float(state.queue) == pytest.approx(2.0) and float(start.queue) == 0.0  # not mutated
+  state = ctrl.observe(state, 0.5 * ctrl.tbar_s)
+  assert float(state.queue) == pytest.approx(1.5) and state.queue.dtype == np.float64
+  # Another controller object given the same state decides the same; the state is all there is.
+  other = make_controller("osfa", solver="numpy")
+  clients = schedule.sample_clients(0, 4, N, K)
+  (a, sa), (b, sb) = ctrl.plan(state, 4, clients, None), other.plan(state, 4, clients, None)
+  assert a.m == b.m and sa == sb
   np.testing.assert_array_equal(a.bandwidth_hz, b.bandwidth_hz)
+  # The queue weighs latency: an empty queue decides differently from a long one here.
+  assert ctrl.plan(start, 4, clients, None)[0].m != a.m
 
 
 def test_a_failing_solver_is_counted_and_the_controller_goes_on(monkeypatch):
   def broken(self, bits, snr_coeff, compute_s):
     raise RuntimeError("injected")
 
-  monkeypatch.setattr(tsfa.MinLatencyProblem, "solve", broken)
-  ctrl = _controller("osfa", solver="cvx")
-  ctrl.queue = 1.0
-  plan = ctrl.plan(2, federated.sample_clients(0, 2, N, K), None)
-  assert plan.solver == "numpy" and plan.fallbacks == 1 and ctrl.fallbacks == 1
+  monkeypatch.setattr(solvers.MinLatencyProblem, "solve", broken)
+  ctrl = make_controller("osfa", solver="cvx")
+  plan, state = ctrl.plan(controller_state(queue=1.0, fallbacks=3), 2,
+                          schedule.sample_clients(0, 2, N, K), None)
+  assert plan.solver == "numpy" and plan.fallbacks == 1 and state.fallbacks == 4
   assert np.isfinite(plan.predicted_latency_s)
 
 
@@ -124,16 +117,17 @@ def test_long_run_meets_the_latency_budget_with_a_bounded_queue():
   """500 rounds without training: the controller the experiment loop uses, fed fixed scores,
   fresh fading each round; the realized latency (from the plan's bits and split) feeds the
   queue. The time-average latency must land within 5 % of Tbar with a bounded queue."""
-  ctrl = _controller("osfa", solver="numpy", V=1.0)
+  ctrl = make_controller("osfa", solver="numpy", V=1.0)
   scores = [1.0 / np.arange(1, RANK + 1)] * len(LAYERS)
   taus, queues, kept = [], [], []
-  rounds = 500
+  rounds, state = 500, controller_lib.init_state()
   for t in range(rounds):
-    plan = ctrl.plan(t, federated.sample_clients(0, t, N, K), scores)
+    plan, state = ctrl.plan(state, t, schedule.sample_clients(0, t, N, K), scores)
     assert plan.fallbacks == 0
-    tau = wireless.round_latency_s(np.full(K, _bits_at(plan.keep_ratio)), plan.bandwidth_hz,
+    tau = link_lib.round_latency_s(np.full(K, bits_at(plan.keep_ratio)), plan.bandwidth_hz,
                                    plan.snr_coeff, plan.compute_s)
-    queues.append(ctrl.observe(tau))
+    state = ctrl.observe(state, tau)
+    queues.append(float(state.queue))
     taus.append(tau)
     kept.append(plan.m)
   ratio = np.mean(taus) / ctrl.tbar_s
@@ -145,19 +139,19 @@ def test_long_run_meets_the_latency_budget_with_a_bounded_queue():
 
 
 def test_plan_offline_composes_the_closed_forms():
-  link = _link()
+  link = make_link()
   compute_at = lambda r: np.full(N, 0.1 + 0.001 * r)  # noqa: E731
-  rates = tsfa.approx_rate_bps(link.beta, link.channel, K)
+  rates = offline.approx_rate_bps(link.beta, link.channel, K)
   tbar = 0.4
-  plan = tsfa.plan_offline([2, 4, 8, 16], tbar_s=tbar, compute_s=compute_at,
+  plan = offline.plan_offline([2, 4, 8, 16], tbar_s=tbar, compute_s=compute_at,
                            approx_rates_bps=rates, layer_dims=LAYERS, head_params=HEAD,
                            value_bits=32, gamma=1.0, lambda_sp=1.0, lambda_cov=0.1)
   for r in (2, 4, 8, 16):
-    assert plan.mbar[r] == tsfa.affordable_components_quantile(
+    assert plan.mbar[r] == offline.affordable_components_quantile(
         tbar, compute_at(r), rates, head_bits=32 * HEAD,
-        index_bits=tsfa.worst_case_index_bits(len(LAYERS), r), value_bits=32,
+        index_bits=payload.worst_case_index_bits(len(LAYERS), r), value_bits=32,
         sum_dims=256 * 12)
-  want, values = tsfa.select_rank([2, 4, 8, 16], plan.mbar.__getitem__, 1.0, 1.0, 0.1)
+  want, values = offline.select_rank([2, 4, 8, 16], plan.mbar.__getitem__, 1.0, 1.0, 0.1)
   assert plan.rank == want and plan.objective == values
   assert plan.keep_ratio == min(1.0, plan.mbar[want] / want)
 
@@ -165,49 +159,49 @@ def test_plan_offline_composes_the_closed_forms():
 @pytest.mark.parametrize("name", sparsifiers.METHODS)
 def test_predicted_bits_equal_what_the_round_reports(name):
   """The controller prices uploads on the host with the bits the jitted round will report."""
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  apply_fn, frozen, state, data = support.tiny_setup()
   head_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.trainable.head))
   method = sparsifiers.make_sparsifier(name, error_feedback=False)
-  round_fn = jax.jit(federated.make_round(apply_fn, optimizer="sgd", local_steps=1, batch_size=4,
+  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=1, batch_size=4,
                                           client_parallelism=1, sparsifier=method,
                                           head_params=head_params))
   for keep_ratio in ([1.0] if name == "dense" else [0.25, 0.5, 0.75, 1.0]):
     _, metrics = round_fn(state, frozen, data, jnp.array([0, 2], jnp.int32), jax.random.key(0),
-                          federated.make_hparams(0.05, 0.0, keep_ratio))
-    want = sparsifiers.predicted_upload_bits(name, state.trainable.lora, keep_ratio,
+                          fl_types.make_hparams(0.05, 0.0, keep_ratio))
+    want = payload.predicted_upload_bits(name, state.trainable.lora, keep_ratio,
                                              value_bits=32, head_params=head_params)
     np.testing.assert_array_equal(np.asarray(metrics.client_bits), [want, want])
 
 
 def test_round_latency_in_jit_equals_the_host_formula():
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
-  round_fn = jax.jit(federated.make_round(apply_fn, optimizer="sgd", local_steps=1,
+  apply_fn, frozen, state, data = support.tiny_setup()
+  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=1,
                                           batch_size=4, client_parallelism=1, head_params=55))
   uplink = (np.array([2e5, 5e4]), np.array([3e7, 1e6]), np.array([0.2, 0.05]))
-  hp = federated.make_hparams(0.05, uplink=uplink)
+  hp = fl_types.make_hparams(0.05, uplink=uplink)
   _, m = round_fn(state, frozen, data, jnp.array([1, 3], jnp.int32), jax.random.key(0), hp)
-  want = wireless.client_latencies_s(np.asarray(m.client_bits), *uplink)
+  want = link_lib.client_latencies_s(np.asarray(m.client_bits), *uplink)
   np.testing.assert_allclose(np.asarray(m.client_latency_s), want, rtol=1e-5)
   # A new split, new channel and new compute times reuse the compiled round.
   before = round_fn._cache_size()
   uplink2 = tuple(2 * x for x in uplink)
   round_fn(state, frozen, data, jnp.array([0, 2], jnp.int32), jax.random.key(0),
-           federated.make_hparams(0.01, 0.2, 0.5, uplink2))
+           fl_types.make_hparams(0.01, 0.2, 0.5, uplink2))
   assert round_fn._cache_size() == before
 
 
 def test_pilot_gradient_is_the_full_weight_gradient():
   """With B = 0, dL/dB = s * G A^T for G = dL/dW [d_out, d_in]: the LoRA factor gradient checks
   the full-weight gradient the pilot spectrum is made of."""
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  apply_fn, frozen, state, data = support.tiny_setup()
   zero_b = _with_zero_b(state.trainable.lora)
-  trainable = federated.Trainable(zero_b, state.trainable.head)
+  trainable = fl_types.Trainable(zero_b, state.trainable.head)
   images, labels = pilot.pilot_batch(data, 2, 4)
   assert images.shape[0] == 8
   grads = pilot.kernel_gradients(apply_fn, frozen, trainable, images, labels)
 
   def loss_b(lora_tree):
-    logits = apply_fn(frozen, federated.Trainable(lora_tree, trainable.head),
+    logits = apply_fn(frozen, fl_types.Trainable(lora_tree, trainable.head),
                       batching.preprocess(images))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softjax.data import batching
+from softjax.data import batching, readers, sources
 from softjax.data import partition as partition_lib
-from softjax.data import sources
+from tests.support import write_idx
 
 FASHION_DIR = sources.FASHION_MNIST_SYSTEM_DIR
 HAVE_FASHION = all(
@@ -88,33 +88,24 @@ def test_load_dataset_rejects_a_malformed_source():
     del sources.SOURCES["broken_test_source"]
 
 
-def _write_idx(path, array, type_code, dtype):
-  """Writes a gzip idx file by hand, independently of the reader under test."""
-  header = bytes([0, 0, type_code, array.ndim]) + np.asarray(
-      array.shape, ">u4"
-  ).tobytes()
-  with gzip.open(path, "wb") as f:
-    f.write(header + np.asarray(array, dtype).tobytes())
-
-
 def test_read_idx_parses_the_big_endian_header(tmp_path):
   values = np.arange(-6, 6, dtype=np.int32).reshape(3, 2, 2) * 1000
   path = str(tmp_path / "x-idx3-int.gz")
-  _write_idx(path, values, 0x0C, ">i4")
-  out = sources.read_idx(path)
+  write_idx(path, values, 0x0C, ">i4")
+  out = readers.read_idx(path)
   np.testing.assert_array_equal(out, values)
   assert out.dtype.isnative
 
 
 def test_read_idx_rejects_a_truncated_file(tmp_path):
   path = str(tmp_path / "bad.gz")
-  _write_idx(path, np.zeros((2, 3), np.uint8), 0x08, np.uint8)
+  write_idx(path, np.zeros((2, 3), np.uint8), 0x08, np.uint8)
   with gzip.open(path, "rb") as f:
     raw = f.read()
   with gzip.open(path, "wb") as f:
     f.write(raw[:-1])
   with pytest.raises(ValueError, match="payload"):
-    sources.read_idx(path)
+    readers.read_idx(path)
 
 
 @needs_fashion
@@ -129,11 +120,11 @@ def test_fashion_mnist_from_debian_idx_files():
 def test_fashion_mnist_env_var_selects_the_idx_directory(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   for prefix, n in (("train", 6), ("t10k", 4)):
-    _write_idx(
+    write_idx(
         str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"),
         rng.integers(0, 256, (n, 28, 28)), 0x08, np.uint8,
     )
-    _write_idx(
+    write_idx(
         str(tmp_path / f"{prefix}-labels-idx1-ubyte.gz"),
         np.arange(n) % 10, 0x08, np.uint8,
     )

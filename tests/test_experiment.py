@@ -11,34 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import testing
-from softjax import checkpointing
-from softjax import experiment
-from softjax import metrics as metrics_lib
-from softjax import tsfa
 from softjax.models import checkpoint as ckpt_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROUNDS = 6
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("backbones"))
-
-
-def make_config(cache_dir, rounds=ROUNDS, **overrides):
-  config = testing.get_config(f"rounds={rounds}").unlock()
-  config.model.cache_dir = cache_dir
-  for key, value in overrides.items():
-    section, leaf = key.split(".")
-    config[section][leaf] = value
-  return config
-
-
-def comparable(rows):
-  """Rows without wall-clock fields: what must match bit for bit between runs."""
-  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_FIELDS} for r in rows]
+from softjax.run import checkpointing, experiment
+from softjax.run import metrics as metrics_lib
+from softjax.tsfa import solvers
+from tests.support import REPO, ROUNDS, comparable, make_config
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +259,7 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
   def broken(self, bits, snr_coeff, compute_s):
     raise RuntimeError("injected solver failure")
 
-  monkeypatch.setattr(tsfa.MinLatencyProblem, "solve", broken)
+  monkeypatch.setattr(solvers.MinLatencyProblem, "solve", broken)
   summary = experiment.run(make_config(cache_dir, rounds=3, **OSFA), str(tmp_path / "broken"))
   assert [r["solver"] for r in summary["rows"]] == ["numpy"] * 3
   assert [r["fallbacks"] for r in summary["rows"]] == [1, 1, 1]

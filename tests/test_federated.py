@@ -9,37 +9,19 @@ import numpy as np
 import optax
 import pytest
 
-from softjax import federated
-from softjax import sparsifiers
 from softjax.data import batching
-from softjax.data import partition as partition_lib
-from softjax.models import lora as lora_lib
-from softjax.models import vit
-
-
-def linear_apply(frozen, trainable, images):
-  """logits = flatten(x) @ W: a model whose one-step SGD update is easy to write by hand."""
-  del frozen
-  return images.reshape(images.shape[0], -1) @ trainable.head["w"]
-
-
-def make_data(sizes, num_classes=3, side=2, seed=0):
-  rng = np.random.default_rng(seed)
-  m = sum(sizes)
-  images = rng.integers(0, 256, size=(m, side, side, 1), dtype=np.uint8)
-  labels = rng.integers(0, num_classes, size=m).astype(np.int32)
-  bounds = np.cumsum([0] + list(sizes))
-  clients = [np.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
-  table = partition_lib.pad_client_indices(clients)
-  return federated.FederatedData(images=jnp.asarray(images), labels=jnp.asarray(labels),
-                                 table=jnp.asarray(table.indices),
-                                 counts=jnp.asarray(table.counts)), images, labels, clients
+from softjax.federated import aggregation, evaluation, schedule
+from softjax.federated import client as client_lib
+from softjax.federated import round as round_lib
+from softjax.federated import types as fl_types
+from softjax.sparsify import sparsifier as sparsifiers
+from tests.support import linear_apply, make_data, tiny_setup
 
 
 def test_sample_clients_is_pure_and_without_replacement():
-  a = federated.sample_clients(seed=3, round_index=7, num_clients=20, k=5)
-  b = federated.sample_clients(seed=3, round_index=7, num_clients=20, k=5)
-  c = federated.sample_clients(seed=3, round_index=8, num_clients=20, k=5)
+  a = schedule.sample_clients(seed=3, round_index=7, num_clients=20, k=5)
+  b = schedule.sample_clients(seed=3, round_index=7, num_clients=20, k=5)
+  c = schedule.sample_clients(seed=3, round_index=8, num_clients=20, k=5)
   np.testing.assert_array_equal(a, b)
   assert len(set(a.tolist())) == 5 and a.dtype == np.int32
   assert not np.array_equal(a, c)
@@ -47,7 +29,7 @@ def test_sample_clients_is_pure_and_without_replacement():
 
 
 def test_aggregation_weights_by_data_size():
-  p = federated.aggregation_weights(jnp.array([30, 10]))
+  p = aggregation.aggregation_weights(jnp.array([30, 10]))
   np.testing.assert_allclose(p, [0.75, 0.25])
   total = sparsifiers.weighted_sum({"x": jnp.array([[4.0, 8.0], [-4.0, 0.0]])}, p)
   np.testing.assert_allclose(total["x"], [0.75 * 4 - 0.25 * 4, 0.75 * 8])
@@ -66,47 +48,28 @@ def test_two_client_fedavg_matches_hand_computation():
   deltas = [-lr * x[idx].T @ (1.0 / c - onehot[idx]) / len(idx) for idx in clients]
   expected = (6 / 8) * deltas[0] + (2 / 8) * deltas[1]
 
-  state = federated.init_state({}, {"w": jnp.zeros((4, c))}, num_clients=2,
+  state = fl_types.init_state({}, {"w": jnp.zeros((4, c))}, num_clients=2,
                                error_feedback=False)
-  full = federated.make_round(linear_apply, optimizer="sgd", local_steps=1, batch_size=6,
+  full = round_lib.make_round(linear_apply, optimizer="sgd", local_steps=1, batch_size=6,
                               client_parallelism=2)
   # Client 1 has 2 examples: a batch of 6 wraps around them 3 times, which leaves the mean
   # gradient unchanged, so the hand formula still holds.
   new_state, metrics = jax.jit(full)(state, None, data, jnp.array([0, 1], jnp.int32),
-                                     jax.random.key(0), federated.make_hparams(lr))
+                                     jax.random.key(0), fl_types.make_hparams(lr))
   np.testing.assert_allclose(new_state.trainable.head["w"], expected, rtol=1e-5, atol=1e-6)
   assert int(new_state.round) == 1
   np.testing.assert_allclose(metrics.train_loss, np.log(c), rtol=1e-6)  # uniform softmax at W=0
   chex.assert_shape(metrics.client_loss, (2,))
 
 
-def tiny_setup(rank=4, targets=("query", "value"), num_clients=4, seed=0):
-  config = vit.make_vit_config("tiny", image_size=8, channels=1, num_classes=5)
-  model = vit.VisionTransformer(config, vit.LoRAConfig(rank=rank, alpha=4.0, targets=targets))
-  params = lora_lib.init_params(model, jax.random.key(seed), (8, 8, 1))
-  frozen, head = lora_lib.split_head(params)
-  lora = lora_lib.init_lora(model, jax.random.key(seed + 1), (8, 8, 1))
-  # A non-zero head and B, so every trainable leaf gets a gradient from the first step.
-  head = jax.tree.map(lambda h: 0.1 * jnp.ones_like(h), head)
-  lora = jax.tree.map(lambda a: a + 0.01, lora)
-
-  def apply_fn(frozen, trainable, images):
-    return model.apply({"params": lora_lib.join_head(frozen, trainable.head),
-                        "lora": trainable.lora}, images)
-
-  data, *_ = make_data([12, 9, 15, 10][:num_clients], num_classes=5, side=8, seed=seed)
-  state = federated.init_state(lora, head, num_clients=num_clients, error_feedback=False)
-  return apply_fn, frozen, state, data
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sequential_and_vmapped_clients_agree(optimizer):
   apply_fn, frozen, state, data = tiny_setup()
   clients = jnp.array([0, 2, 3], jnp.int32)
-  hp = federated.make_hparams(0.05)
+  hp = fl_types.make_hparams(0.05)
   results = []
   for parallelism in (1, 3):
-    round_fn = federated.make_round(apply_fn, optimizer=optimizer, local_steps=3, batch_size=4,
+    round_fn = round_lib.make_round(apply_fn, optimizer=optimizer, local_steps=3, batch_size=4,
                                     client_parallelism=parallelism)
     results.append(jax.jit(round_fn)(state, frozen, data, clients, jax.random.key(1), hp))
   (s1, m1), (s3, m3) = results
@@ -121,13 +84,13 @@ def test_round_matches_loop_of_client_updates():
   """The mapped round equals a Python loop over client_update plus weighted averaging."""
   apply_fn, frozen, state, data = tiny_setup()
   clients = np.array([1, 3], np.int32)
-  hp = federated.make_hparams(0.05)
+  hp = fl_types.make_hparams(0.05)
   root = jax.random.key(4)
-  round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
+  round_fn = round_lib.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
                                   client_parallelism=1)
   new_state, _ = jax.jit(round_fn)(state, frozen, data, jnp.asarray(clients), root, hp)
 
-  update = jax.jit(federated.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
                                                 batch_size=4))
   round_key = jax.random.fold_in(root, 0)
   deltas = [optax.tree.sub(update(state.trainable, frozen, data, jnp.int32(k),
@@ -143,7 +106,7 @@ def test_round_matches_loop_of_client_updates():
 def test_no_recompilation_across_rounds_clients_and_learning_rates():
   apply_fn, frozen, state, data = tiny_setup()
   traces = collections.Counter()
-  round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
+  round_fn = round_lib.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
                                   client_parallelism=1)
 
   def counted(*args):
@@ -152,9 +115,9 @@ def test_no_recompilation_across_rounds_clients_and_learning_rates():
 
   step = jax.jit(counted, donate_argnums=0)
   for t, lr in enumerate([0.1, 0.05, 0.01, 0.2]):
-    clients = federated.sample_clients(0, t, 4, 2)
+    clients = schedule.sample_clients(0, t, 4, 2)
     state, _ = step(state, frozen, data, clients, jax.random.key(0),
-                    federated.make_hparams(lr))
+                    fl_types.make_hparams(lr))
   assert traces["n"] == 1
   assert int(state.round) == 4
 
@@ -172,7 +135,7 @@ def test_padding_is_never_trained_on():
 
 def test_eval_counts_only_unpadded_examples():
   apply_fn, frozen, state, _ = tiny_setup()
-  eval_fn = jax.jit(federated.make_eval(apply_fn, batch_size=4))
+  eval_fn = jax.jit(evaluation.make_eval(apply_fn, batch_size=4))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(8, 8, 8, 1), dtype=np.uint8)
   labels = rng.integers(0, 5, size=8).astype(np.int32)
@@ -184,10 +147,10 @@ def test_eval_counts_only_unpadded_examples():
 
 
 def test_client_lr_schedule_by_hand():
-  assert federated.client_lr_at(7, 10, 0.1, "constant", 0.1) == 0.1
-  assert federated.client_lr_at(0, 11, 0.1, "cosine", 0.2) == pytest.approx(0.1)
-  assert federated.client_lr_at(10, 11, 0.1, "cosine", 0.2) == pytest.approx(0.02)
+  assert schedule.client_lr_at(7, 10, 0.1, "constant", 0.1) == 0.1
+  assert schedule.client_lr_at(0, 11, 0.1, "cosine", 0.2) == pytest.approx(0.1)
+  assert schedule.client_lr_at(10, 11, 0.1, "cosine", 0.2) == pytest.approx(0.02)
   # Halfway the cosine term is 1/2: 0.1 * (0.2 + 0.8 * 0.5).
-  assert federated.client_lr_at(5, 11, 0.1, "cosine", 0.2) == pytest.approx(0.06)
-  lrs = [federated.client_lr_at(t, 11, 0.1, "cosine", 0.2) for t in range(11)]
+  assert schedule.client_lr_at(5, 11, 0.1, "cosine", 0.2) == pytest.approx(0.06)
+  lrs = [schedule.client_lr_at(t, 11, 0.1, "cosine", 0.2) for t in range(11)]
   assert all(a >= b for a, b in zip(lrs, lrs[1:]))

@@ -5,14 +5,16 @@ import collections
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from softjax import federated
-from softjax import mesh as mesh_lib
-from softjax import sparsifiers
-from tests.test_federated import make_data, tiny_setup
+from softjax.data import layout as layout_lib
+from softjax.federated import placement, schedule
+from softjax.federated import round as round_lib
+from softjax.federated import types as fl_types
+from softjax.sparsify import sparsifier as sparsifiers
+from tests.support import make_data, tiny_setup
 
 
 def test_suite_sees_four_fake_devices():
@@ -22,33 +24,39 @@ def test_suite_sees_four_fake_devices():
 def soft_setup(num_clients=4):
   """tiny_setup with SOFT, error feedback and residuals of all N clients."""
   apply_fn, frozen, state, data = tiny_setup(num_clients=num_clients)
-  state = federated.init_state(state.trainable.lora, state.trainable.head,
+  state = fl_types.init_state(state.trainable.lora, state.trainable.head,
                                num_clients=num_clients, error_feedback=True)
   return apply_fn, frozen, state, data
 
 
 def make_round(apply_fn, mesh=None, shard_data=False, parallelism=1):
-  return federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
-                              client_parallelism=parallelism,
-                              sparsifier=sparsifiers.make_sparsifier("soft"),
-                              mesh=mesh, shard_data=shard_data)
+  phases = round_lib.make_phases(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
+                                 client_parallelism=parallelism,
+                                 sparsifier=sparsifiers.make_sparsifier("soft"))
+  return placement.place_round(phases, mesh, shard_data)
+
+
+def jit_round(apply_fn, mesh, state, shard_data=False, **jit_kwargs):
+  """The placed round jitted as the runner jits it: the state's layout pinned at the jit."""
+  return jax.jit(make_round(apply_fn, mesh, shard_data), **jit_kwargs,
+                 out_shardings=placement.round_out_shardings(state, mesh))
 
 
 def place(mesh, frozen, state, data, shard_data=False):
-  rep = mesh_lib.replicated(mesh)
-  data_sharding = mesh_lib.along_axis(mesh) if shard_data else rep
-  data = data._replace(images=mesh_lib.place(data.images, data_sharding),
-                       labels=mesh_lib.place(data.labels, data_sharding),
-                       table=mesh_lib.place(data.table, rep),
-                       counts=mesh_lib.place(data.counts, rep))
-  return (mesh_lib.place(frozen, rep), mesh_lib.place_state(state, mesh, stacked=False), data)
+  rep = placement.replicated(mesh)
+  data_sharding = placement.along_axis(mesh) if shard_data else rep
+  data = data._replace(images=placement.place(data.images, data_sharding),
+                       labels=placement.place(data.labels, data_sharding),
+                       table=placement.place(data.table, rep),
+                       counts=placement.place(data.counts, rep))
+  return (placement.place(frozen, rep), placement.place_state(state, mesh, stacked=False), data)
 
 
 def hparams(k, dropped=()):
   received = np.ones(k)
   received[list(dropped)] = 0.0
   uplink = (np.full(k, 1e6), np.full(k, 1e9), np.full(k, 0.01), received)
-  return federated.make_hparams(0.05, zeta=0.1, keep_ratio=0.5, uplink=uplink)
+  return fl_types.make_hparams(0.05, zeta=0.1, keep_ratio=0.5, uplink=uplink)
 
 
 @pytest.mark.parametrize("devices,k", [(2, 4), (4, 4), (4, 3), (2, 3)])
@@ -59,10 +67,10 @@ def test_sharded_round_equals_unsharded_round(devices, k):
   hp = hparams(k, dropped=(1,))  # a lost upload keeps its whole update as residual
   want_state, want = jax.jit(make_round(apply_fn))(state, frozen, data, clients,
                                                    jax.random.key(1), hp)
-  mesh = mesh_lib.make_mesh(devices, mesh_lib.CLIENTS)
+  mesh = placement.make_mesh(devices, placement.CLIENTS)
   s_frozen, s_state, s_data = place(mesh, frozen, state, data)
-  got_state, got = jax.jit(make_round(apply_fn, mesh))(s_state, s_frozen, s_data, clients,
-                                                       jax.random.key(1), hp)
+  got_state, got = jit_round(apply_fn, mesh, s_state)(s_state, s_frozen, s_data, clients,
+                                                      jax.random.key(1), hp)
   chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
   chex.assert_shape(got.client_bits, (k,))  # the padded slots are not reported
@@ -75,14 +83,14 @@ def test_sharded_round_equals_unsharded_round(devices, k):
 
 def test_sharded_outputs_carry_the_expected_shardings():
   apply_fn, frozen, state, data = soft_setup()
-  mesh = mesh_lib.make_mesh(4, mesh_lib.CLIENTS)
+  mesh = placement.make_mesh(4, placement.CLIENTS)
   frozen, state, data = place(mesh, frozen, state, data)
-  new_state, metrics = jax.jit(make_round(apply_fn, mesh))(
+  new_state, metrics = jit_round(apply_fn, mesh, state)(
       state, frozen, data, jnp.array([0, 1, 2], jnp.int32), jax.random.key(0), hparams(3))
   for leaf in jax.tree.leaves(new_state.trainable) + jax.tree.leaves(metrics):
     assert leaf.sharding.is_fully_replicated
   for leaf in jax.tree.leaves(new_state.residuals):  # [N = 4, ...] split over 4 devices
-    assert leaf.sharding.spec == P(mesh_lib.CLIENTS)
+    assert leaf.sharding.spec == P(placement.CLIENTS)
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}
 
 
@@ -92,10 +100,10 @@ def test_sharded_training_set_gives_the_same_round():
   clients = jnp.array([2, 0, 3], jnp.int32)
   want_state, want = jax.jit(make_round(apply_fn))(state, frozen, data, clients,
                                                    jax.random.key(2), hparams(3))
-  mesh = mesh_lib.make_mesh(2, mesh_lib.CLIENTS)
+  mesh = placement.make_mesh(2, placement.CLIENTS)
   frozen, s_state, s_data = place(mesh, frozen, state, data, shard_data=True)
-  assert s_data.images.sharding.spec == P(mesh_lib.CLIENTS)
-  got_state, got = jax.jit(make_round(apply_fn, mesh, shard_data=True))(
+  assert s_data.images.sharding.spec == P(placement.CLIENTS)
+  got_state, got = jit_round(apply_fn, mesh, s_state, shard_data=True)(
       s_state, frozen, s_data, clients, jax.random.key(2), hparams(3))
   chex.assert_trees_all_close(got_state, want_state, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
@@ -103,7 +111,7 @@ def test_sharded_training_set_gives_the_same_round():
 
 def test_sharded_round_compiles_once_across_rounds():
   apply_fn, frozen, state, data = soft_setup()
-  mesh = mesh_lib.make_mesh(2, mesh_lib.CLIENTS)
+  mesh = placement.make_mesh(2, placement.CLIENTS)
   frozen, state, data = place(mesh, frozen, state, data)
   round_fn = make_round(apply_fn, mesh)
   traces = collections.Counter()
@@ -112,32 +120,33 @@ def test_sharded_round_compiles_once_across_rounds():
     traces["n"] += 1
     return round_fn(*args)
 
-  step = jax.jit(counted, donate_argnums=0)
+  step = jax.jit(counted, donate_argnums=0,
+                 out_shardings=placement.round_out_shardings(state, mesh))
   for t in range(3):
-    clients = federated.sample_clients(0, t, 4, 3)
+    clients = schedule.sample_clients(0, t, 4, 3)
     state, _ = step(state, frozen, data, clients, jax.random.key(0), hparams(3))
   assert traces["n"] == 1
   assert int(state.round) == 3
 
 
 def test_padded_count_and_mesh_size():
-  mesh = mesh_lib.make_mesh(4, mesh_lib.CLIENTS)
-  assert [mesh_lib.padded_count(k, mesh) for k in (1, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
-  assert mesh_lib.padded_count(3, None) == 3
-  assert mesh_lib.make_mesh(1, mesh_lib.CLIENTS) is None
-  assert mesh_lib.mesh_size(mesh_lib.make_mesh(0, mesh_lib.CLIENTS)) == 4  # 0 = all
+  mesh = placement.make_mesh(4, placement.CLIENTS)
+  assert [placement.padded_count(k, mesh) for k in (1, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
+  assert placement.padded_count(3, None) == 3
+  assert placement.make_mesh(1, placement.CLIENTS) is None
+  assert placement.mesh_size(placement.make_mesh(0, placement.CLIENTS)) == 4  # 0 = all
   with pytest.raises(ValueError, match="mesh.devices = 8"):
-    mesh_lib.make_mesh(8, mesh_lib.CLIENTS)
+    placement.make_mesh(8, placement.CLIENTS)
 
 
 def test_client_owner_is_contiguous_and_deterministic():
-  np.testing.assert_array_equal(mesh_lib.client_owner(10, 4), [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
-  np.testing.assert_array_equal(mesh_lib.client_owner(3, 1), [0, 0, 0])
+  np.testing.assert_array_equal(layout_lib.client_owner(10, 4), [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(layout_lib.client_owner(3, 1), [0, 0, 0])
 
 
 def test_client_major_layout_puts_each_process_clients_in_its_block():
   clients = [np.array([7, 1]), np.array([4]), np.array([0, 2, 5]), np.array([3, 6])]
-  layout = mesh_lib.client_major_layout(clients, num_processes=2, multiple=2)
+  layout = layout_lib.client_major_layout(clients, num_processes=2, multiple=2)
   # Processes own clients {0, 1} (3 examples) and {2, 3} (5): blocks of 6 rows (multiple of 2).
   assert layout.block_rows == 6
   np.testing.assert_array_equal(layout.rows, [7, 1, 4, -1, -1, -1, 0, 2, 5, 3, 6, -1])
@@ -153,10 +162,10 @@ def test_layout_keeps_every_batch_a_client_sees():
   apply_fn, frozen, state, data = soft_setup()
   images, labels = np.asarray(data.images), np.asarray(data.labels)
   clients = [np.asarray(data.table[k, :data.counts[k]]) for k in range(4)]
-  layout = mesh_lib.client_major_layout(clients[::-1][::-1], num_processes=1, multiple=4)
-  moved = federated.FederatedData(
-      images=jnp.asarray(mesh_lib.gather_rows(images, layout.rows)),
-      labels=jnp.asarray(mesh_lib.gather_rows(labels, layout.rows)),
+  layout = layout_lib.client_major_layout(clients[::-1][::-1], num_processes=1, multiple=4)
+  moved = fl_types.FederatedData(
+      images=jnp.asarray(layout_lib.gather_rows(images, layout.rows)),
+      labels=jnp.asarray(layout_lib.gather_rows(labels, layout.rows)),
       table=jnp.asarray(layout.table), counts=jnp.asarray(layout.counts))
   ids = jnp.array([1, 3], jnp.int32)
   step = jax.jit(make_round(apply_fn))
@@ -167,23 +176,18 @@ def test_layout_keeps_every_batch_a_client_sees():
 
 def test_place_examples_shards_rows_over_the_mesh():
   data, images, labels, clients = make_data([5, 3, 4], side=2)
-  layout = mesh_lib.client_major_layout(clients, num_processes=1, multiple=4)
-  mesh = mesh_lib.make_mesh(4, mesh_lib.CLIENTS)
-  sharded = mesh_lib.place_examples(images, layout, mesh, shard=True)
+  layout = layout_lib.client_major_layout(clients, num_processes=1, multiple=4)
+  mesh = placement.make_mesh(4, placement.CLIENTS)
+  sharded = placement.place_examples(images, layout, mesh, shard=True)
   assert sharded.shape == (12,) + images.shape[1:]
-  assert sharded.sharding.spec == P(mesh_lib.CLIENTS)
+  assert sharded.sharding.spec == P(placement.CLIENTS)
   np.testing.assert_array_equal(np.asarray(sharded), images[layout.rows])
-  assert mesh_lib.place_examples(images, layout, mesh, shard=False).sharding.is_fully_replicated
+  assert placement.place_examples(images, layout, mesh, shard=False).sharding.is_fully_replicated
 
 
 # End to end through experiment.run on the testing config (K = 3 clients, N = 6).
 
 ROW_FIELDS = ("train_loss", "test_accuracy", "dropped_energy", "cov_term", "latency_s", "queue")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("backbones"))
 
 
 def run_config(cache_dir, **overrides):
@@ -212,7 +216,7 @@ def assert_rows_close(got, want):
                                        {"mesh.devices": 0, "mesh.shard_data": True}],
                          ids=["2_devices", "all_devices_sharded_data"])
 def test_sharded_run_equals_unsharded_run(cache_dir, tmp_path, overrides):
-  from softjax import experiment
+  from softjax.run import experiment
 
   want = experiment.run(run_config(cache_dir), str(tmp_path / "one"))
   got = experiment.run(run_config(cache_dir, **overrides), str(tmp_path / "mesh"))
@@ -222,7 +226,7 @@ def test_sharded_run_equals_unsharded_run(cache_dir, tmp_path, overrides):
 
 
 def test_sharded_sweep_splits_members_over_devices(cache_dir, tmp_path):
-  from softjax import experiment
+  from softjax.run import experiment
 
   sweep = {"sweep.zeta": "0,0.1", "sweep.mode": "zip"}
   want = experiment.run(run_config(cache_dir, **sweep), str(tmp_path / "one"))
@@ -234,7 +238,7 @@ def test_sharded_sweep_splits_members_over_devices(cache_dir, tmp_path):
 
 def test_mesh_config_rules_name_their_field(cache_dir, tmp_path):
   from softjax import config as config_lib
-  from softjax import experiment
+  from softjax.run import experiment
 
   with pytest.raises(config_lib.ConfigError, match=r"mesh.devices = 8 .* at most the 4 devices"):
     experiment.run(run_config(cache_dir, **{"mesh.devices": 8}), str(tmp_path / "a"))
@@ -262,8 +266,8 @@ def test_two_process_run_feeds_own_clients_and_equals_one_process(cache_dir, tmp
   import subprocess
   import sys
 
-  from softjax import experiment
-  from softjax import metrics as metrics_lib
+  from softjax.run import experiment
+  from softjax.run import metrics as metrics_lib
 
   want = experiment.run(run_config(cache_dir), str(tmp_path / "one"))  # also caches the backbone
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,14 +293,14 @@ def test_two_process_run_feeds_own_clients_and_equals_one_process(cache_dir, tmp
 
 
 def test_client_parallelism_zero_picks_the_backend_best(cache_dir):
-  from softjax import experiment
+  from softjax.run import runner as runner_lib
 
-  assert federated.default_parallelism("cpu", 5) == 1
-  assert federated.default_parallelism("gpu", 5) == federated.default_parallelism("tpu", 5) == 5
+  assert schedule.default_parallelism("cpu", 5) == 1
+  assert schedule.default_parallelism("gpu", 5) == schedule.default_parallelism("tpu", 5) == 5
   config = run_config(cache_dir)  # K = 3, fl.client_parallelism = 0 by default
   assert config.fl.client_parallelism == 0
-  pick = experiment.client_parallelism
-  mesh = mesh_lib.make_mesh(2, mesh_lib.CLIENTS)
+  pick = runner_lib.client_parallelism
+  mesh = placement.make_mesh(2, placement.CLIENTS)
   assert [pick(config, None, False, b) for b in ("cpu", "gpu")] == [1, 3]
   assert pick(config, mesh, False, "gpu") == 2  # 3 clients padded to 4 slots, 2 a device
   assert pick(config, mesh, True, "gpu") == 3  # a sweep member trains all of its clients

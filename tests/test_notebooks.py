@@ -6,15 +6,14 @@ import nbclient
 import nbformat
 import pytest
 
-from tests.test_experiment import REPO
-from tests.test_experiment import cache_dir  # noqa: F401  (the shared backbone fixture)
+from tests.support import REPO
 
 
 @pytest.mark.parametrize("name,env", [
     ("quickstart", {"SOFTJAX_NOTEBOOK_CONFIG": "configs/tsfa.py:scale=test,rounds=2"}),
     ("sweep", {"SOFTJAX_NOTEBOOK_SCALE": "test", "SOFTJAX_NOTEBOOK_ROUNDS": "2"}),
 ])
-def test_notebook_executes(name, env, cache_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_notebook_executes(name, env, cache_dir, tmp_path, monkeypatch):
   for key, value in {**env, "SOFTJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
                      "SOFTJAX_CACHE_DIR": cache_dir, "JAX_PLATFORMS": "cpu"}.items():
     monkeypatch.setenv(key, value)

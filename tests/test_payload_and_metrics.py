@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from softjax import metrics as metrics_lib
-from softjax import payload
+from softjax.run import metrics as metrics_lib
+from softjax.sparsify import payload
 
 
 def test_dense_upload_bits_by_hand():
@@ -31,13 +31,34 @@ def test_writer_drops_rows_after_the_resumed_checkpoint(tmp_path):
   for t in range(1, 5):
     writer.write({"round": t, "train_loss": np.float32(1.0 / t)})
   writer.close()
-  resumed = metrics_lib.MetricsWriter(path, resume_round=2)
+  kept, missing = metrics_lib.recover_rows(path, done=2, members=1)
+  assert missing == []
+  resumed = metrics_lib.MetricsWriter(path, kept)
   assert [r["round"] for r in resumed.rows] == [1, 2]
   resumed.write({"round": 3, "train_loss": 0.5})
   resumed.close()
   rows = [json.loads(line) for line in open(path)]
   assert [r["round"] for r in rows] == [1, 2, 3]
   assert isinstance(rows[0]["train_loss"], float)
+
+
+def test_recover_rows_names_damaged_cut_and_deleted_rounds(tmp_path):
+  """Kinds of damage: a garbled line, a line that is not a row, a row cut off mid-write, a
+  missing line, a duplicate; and a sweep member missing one round."""
+  path = str(tmp_path / "metrics.jsonl")
+  lines = [json.dumps({"round": 1}), "{garbage", json.dumps([1, 2]), json.dumps({"round": 4}),
+           json.dumps({"round": 4, "train_loss": 2.0}), json.dumps({"round": 6})]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n" + '{"round": 7, "train_lo')
+  kept, missing = metrics_lib.recover_rows(path, done=7, members=1)
+  assert [r["round"] for r in kept] == [1, 4, 6] and kept[1]["train_loss"] == 2.0  # last copy
+  assert missing == [2, 3, 5, 7]
+  assert metrics_lib.describe_rounds(missing) == "2-3, 5, 7"
+  assert metrics_lib.recover_rows(str(tmp_path / "gone.jsonl"), 2, 1) == ([], [1, 2])
+  with open(path, "w") as f:
+    f.writelines(json.dumps({"round": t, "member": i}) + "\n" for t in (1, 2) for i in (0, 1)
+                 if (t, i) != (2, 1))
+  assert metrics_lib.recover_rows(path, done=2, members=2)[1] == [2]
 
 
 def test_progress_line_and_summary():

@@ -4,6 +4,7 @@ cases, with the tests elsewhere that cover the rest."""
 
 import errno
 import glob
+import json
 import logging
 import math
 import os
@@ -14,33 +15,29 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import common
-from softjax import checkpointing
 from softjax import config as config_lib
-from softjax import controller as controller_lib
-from softjax import experiment
-from softjax import federated
-from softjax import metrics as metrics_lib
-from softjax import tsfa
-from softjax import wireless
+from softjax import errors
 from softjax.data import sources
-from tests import test_config
-from tests import test_controller
-from tests.test_data import _write_idx
-from tests.test_experiment import comparable
-from tests.test_experiment import make_config
+from softjax.errors import WorkdirError
+from softjax.federated import schedule
+from softjax.run import checkpointing, experiment
+from softjax.run import metrics as metrics_lib
+from softjax.run import workdir as workdir_lib
+from softjax.tsfa import controller as controller_lib
+from softjax.tsfa import online, solvers
+from softjax.wireless import channel as channel_lib
+from softjax.wireless import link as link_lib
+from tests import support
+from tests.support import comparable, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 6  # the reference run: checkpoints every 2 rounds, the newest 2 kept (steps 4 and 6)
 OSFA = {"method.name": "soft", "method.zeta": 0.1, "controller.name": "osfa"}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("backbones"))
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +79,11 @@ def flip_a_byte(path):
 # (overrides, field, text of the message) for the rules tests/test_config.py::RULES has no case
 # for; every other rule is covered there.
 EXTRA_RULES = [
-    ({"wireless.min_distance_m": 0.0}, "wireless.min_distance_m", "must be a number > 0"),
-    ({"wireless.burst_p_good": 1.5}, "wireless.burst_p_good", "must be in [0, 1]"),
+    ({"wireless.min_distance_m": 0.0}, "wireless.min_distance_m", "must be a finite number > 0"),
+    ({"wireless.burst_p_good": 1.5}, "wireless.burst_p_good", "must be a finite number in [0, 1]"),
     ({"wireless.burst_p_bad": 0.0, "wireless.burst_p_good": 0.0}, "wireless.burst_p_good",
      "must be > 0 when wireless.burst_p_bad is 0"),
-    ({"controller.lambda_sp": -1.0}, "controller.lambda_sp", "must be >= 0"),
+    ({"controller.lambda_sp": -1.0}, "controller.lambda_sp", "must be a finite number >= 0"),
     ({"mesh.devices": -1}, "mesh.devices", "(0 = every device, 1 = no mesh)"),
     ({"mesh.num_processes": -1}, "mesh.num_processes", "(0 = detect)"),
     ({"mesh.process_id": -2}, "mesh.process_id", "(-1 = detect)"),
@@ -100,7 +97,7 @@ EXTRA_RULES = [
 @pytest.mark.parametrize("overrides,field,allowed", EXTRA_RULES,
                          ids=["-".join(sorted(r[0])) for r in EXTRA_RULES])
 def test_rules_without_a_case_in_test_config_name_their_field(overrides, field, allowed):
-  config = test_config.make_testing_config()
+  config = support.make_testing_config()
   for key, value in overrides.items():
     section, leaf = key.split(".")
     config[section][leaf] = value
@@ -117,9 +114,9 @@ def write_fashion_mnist(directory):
   """Four valid, tiny idx files (6 train and 4 test images) in the official layout."""
   rng = np.random.default_rng(0)
   for prefix, n in (("train", 6), ("t10k", 4)):
-    _write_idx(str(directory / f"{prefix}-images-idx3-ubyte.gz"),
+    support.write_idx(str(directory / f"{prefix}-images-idx3-ubyte.gz"),
                rng.integers(0, 256, (n, 28, 28)), 0x08, np.uint8)
-    _write_idx(str(directory / f"{prefix}-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x08,
+    support.write_idx(str(directory / f"{prefix}-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x08,
                np.uint8)
 
 
@@ -334,8 +331,8 @@ def test_unwritable_workdir_is_one_error_before_setup(where, cache_dir, tmp_path
 
 def diverge_in_round_3(monkeypatch):
   """An infinite client learning rate in round 3 only (the rate is traced: no recompile)."""
-  original = federated.client_lr_at
-  monkeypatch.setattr(federated, "client_lr_at",
+  original = schedule.client_lr_at
+  monkeypatch.setattr(schedule, "client_lr_at",
                       lambda t, *args: math.inf if t == 2 else original(t, *args))
 
 
@@ -376,30 +373,28 @@ def test_nan_state_with_a_finite_loss_is_not_checkpointed(cache_dir, tmp_path, m
 
 def plan_with(monkeypatch, cvx_answer):
   """The osfa controller's plan for round 2 (queue 1) with MinLatencyProblem.solve replaced."""
-  monkeypatch.setattr(tsfa.MinLatencyProblem, "solve", lambda self, bits, a, c: cvx_answer(a))
-  ctrl = test_controller._controller("osfa", solver="cvx")
-  ctrl.queue = 1.0
-  scores = [1.0 / np.arange(1, test_controller.RANK + 1)] * len(test_controller.LAYERS)
-  plan = ctrl.plan(2, federated.sample_clients(0, 2, test_controller.N, test_controller.K),
-                   scores)
-  return ctrl, plan
+  monkeypatch.setattr(solvers.MinLatencyProblem, "solve", lambda self, bits, a, c: cvx_answer(a))
+  ctrl = support.make_controller("osfa", solver="cvx")
+  scores = [1.0 / np.arange(1, support.RANK + 1)] * len(support.LAYERS)
+  plan, state = ctrl.plan(support.controller_state(queue=1.0), 2,
+                          schedule.sample_clients(0, 2, support.N, support.K), scores)
+  return state, plan
 
 
 def twin_plan():
-  ctrl = test_controller._controller("osfa", solver="numpy")
-  ctrl.queue = 1.0
-  scores = [1.0 / np.arange(1, test_controller.RANK + 1)] * len(test_controller.LAYERS)
-  return ctrl.plan(2, federated.sample_clients(0, 2, test_controller.N, test_controller.K),
-                   scores)
+  ctrl = support.make_controller("osfa", solver="numpy")
+  scores = [1.0 / np.arange(1, support.RANK + 1)] * len(support.LAYERS)
+  return ctrl.plan(support.controller_state(queue=1.0), 2,
+                   schedule.sample_clients(0, 2, support.N, support.K), scores)[0]
 
 
-def assert_valid(plan, total_bw_hz=1e6, k=test_controller.K, rank=test_controller.RANK):
+def assert_valid(plan, total_bw_hz=1e6, k=support.K, rank=support.RANK):
   assert 0 < plan.keep_ratio <= 1 and plan.m == round(plan.keep_ratio * rank)
   assert plan.bandwidth_hz.shape == (k,) and np.all(plan.bandwidth_hz > 0)
   assert plan.bandwidth_hz.sum() <= total_bw_hz * (1 + 1e-9)
 
 
-K = test_controller.K
+K = support.K
 GARBAGE = {  # what the "CVX" solve returns -> the reason the chain logs
     "nan_bandwidth": (lambda a: (0.1, np.full(K, np.nan)), "finite values"),
     "negative_bandwidth": (lambda a: (0.1, np.array([-1e5, 3e5, 3e5, 3e5, 2e5])),
@@ -414,8 +409,8 @@ GARBAGE = {  # what the "CVX" solve returns -> the reason the chain logs
 def test_garbage_from_the_cvx_solver_falls_back_to_the_twin(garbage, monkeypatch, caplog):
   answer, reason = GARBAGE[garbage]
   with caplog.at_level(logging.WARNING):
-    ctrl, plan = plan_with(monkeypatch, answer)
-  assert (plan.solver, plan.fallbacks, ctrl.fallbacks) == ("numpy", 1, 1)
+    state, plan = plan_with(monkeypatch, answer)
+  assert (plan.solver, plan.fallbacks, state.fallbacks) == ("numpy", 1, 1)
   assert "TSFA solver failed, falling back: cvx: SolverFailure" in caplog.text
   assert reason in caplog.text
   assert_valid(plan)
@@ -424,32 +419,31 @@ def test_garbage_from_the_cvx_solver_falls_back_to_the_twin(garbage, monkeypatch
   np.testing.assert_array_equal(plan.bandwidth_hz, want.bandwidth_hz)
 
 
-@pytest.mark.parametrize("bad_m", [0, test_controller.RANK + 1])
+@pytest.mark.parametrize("bad_m", [0, support.RANK + 1])
 def test_a_keep_ratio_outside_0_1_from_a_stage_falls_back(bad_m, monkeypatch, caplog):
   """A stage answering m = 0 (O = 0) or m = r + 1 (O > 1) is a failure, like any garbage."""
-  solve_p3 = tsfa.solve_p3
+  solve_p3 = online.solve_p3
 
   def lying_p3(*args):
     m, bandwidth, tau, objective = solve_p3(*args)
-    if isinstance(getattr(args[-1], "__self__", None), tsfa.MinLatencyProblem):  # the cvx stage
+    if isinstance(getattr(args[-1], "__self__", None), solvers.MinLatencyProblem):  # the cvx stage
       return bad_m, bandwidth, tau, objective
     return m, bandwidth, tau, objective
 
-  monkeypatch.setattr(tsfa, "solve_p3", lying_p3)
-  ctrl = test_controller._controller("osfa", solver="cvx")
-  ctrl.queue = 1.0
+  monkeypatch.setattr(online, "solve_p3", lying_p3)
+  ctrl = support.make_controller("osfa", solver="cvx")
   with caplog.at_level(logging.WARNING):
-    plan = ctrl.plan(2, federated.sample_clients(0, 2, test_controller.N, test_controller.K),
-                     None)
+    plan, _ = ctrl.plan(support.controller_state(queue=1.0), 2,
+                        schedule.sample_clients(0, 2, support.N, support.K), None)
   assert (plan.solver, plan.fallbacks) == ("numpy", 1)
   assert f"m = {bad_m} is not one of the candidates" in caplog.text
   assert_valid(plan)
 
 
 def test_garbage_from_both_solvers_ends_on_the_equal_split(monkeypatch):
-  monkeypatch.setattr(tsfa, "min_latency_numpy",
+  monkeypatch.setattr(online, "min_latency_numpy",
                       lambda bits, a, c, total, b_min: (0.1, np.full(len(a), total)))
-  ctrl, plan = plan_with(monkeypatch, GARBAGE["negative_bandwidth"][0])
+  _, plan = plan_with(monkeypatch, GARBAGE["negative_bandwidth"][0])
   assert (plan.solver, plan.fallbacks, plan.m, plan.keep_ratio) == ("equal", 2, 1, 1 / 8)
   np.testing.assert_array_equal(plan.bandwidth_hz, np.full(K, 2e5))  # 1 MHz over 5 clients
   assert np.isfinite(plan.predicted_latency_s)
@@ -462,7 +456,7 @@ def test_deep_fades_and_a_dead_link_give_valid_plans_and_no_nan(cache_dir, tmp_p
                                                                  monkeypatch, caplog):
   """Round 2: every gain 1e-30 (a ~300 dB fade). Round 3: every gain 0 and the first sampled
   client's upload lost. The controller must still hand the round a valid allocation."""
-  gains, dropouts = controller_lib.Link.gains, wireless.dropouts
+  gains, dropouts = link_lib.Link.gains, channel_lib.dropouts
   n, k = 6, 3  # configs/testing.py
 
   def faded(self, seed, t):
@@ -473,13 +467,13 @@ def test_deep_fades_and_a_dead_link_give_valid_plans_and_no_nan(cache_dir, tmp_p
     mask = dropouts(num_clients, probability, seed, t)
     if t == 2:
       mask = mask.copy()
-      mask[federated.sample_clients(seed, t, n, k)[0]] = True
+      mask[schedule.sample_clients(seed, t, n, k)[0]] = True
     return mask
 
   plans = []
   plan = controller_lib.LatencyController.plan
-  monkeypatch.setattr(controller_lib.Link, "gains", faded)
-  monkeypatch.setattr(wireless, "dropouts", lost)
+  monkeypatch.setattr(link_lib.Link, "gains", faded)
+  monkeypatch.setattr(channel_lib, "dropouts", lost)
   monkeypatch.setattr(controller_lib.LatencyController, "plan",
                       lambda self, *a: plans.append(plan(self, *a)) or plans[-1])
   with caplog.at_level(logging.WARNING):
@@ -514,14 +508,14 @@ def test_zero_bandwidth_is_refused_at_every_level():
   for total in (0.0, -1.0, math.nan):
     with pytest.raises(ValueError, match=r"total_bw_hz must be a finite number > 0 Hz \(config "
                                          r"wireless.bandwidth_mhz\), got"):
-      tsfa.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn, a,
+      online.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn, a,
                                compute, total_bw_hz=total, primary="numpy")
   with pytest.raises(ValueError, match="5 clients x b_min 1000.0 Hz exceed the band 0.0 Hz"):
-    tsfa.MinLatencyProblem(K, 0.0)
-  with pytest.raises(tsfa.SolverFailure, match="exceed the band 0.0 Hz"):
-    tsfa.min_latency_numpy(np.full(K, 1e5), a, compute, 0.0)
+    solvers.MinLatencyProblem(K, 0.0)
+  with pytest.raises(solvers.SolverFailure, match="exceed the band 0.0 Hz"):
+    solvers.min_latency_numpy(np.full(K, 1e5), a, compute, 0.0)
   # Less band than K x b_min is not an error: the twin fails and the equal split still runs.
-  decision = tsfa.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn,
+  decision = online.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn,
                                       a, compute, total_bw_hz=2e3, primary="numpy")
   assert (decision.solver, decision.m) == ("equal", 1)
   np.testing.assert_array_equal(decision.bandwidth_hz, np.full(K, 400.0))
@@ -545,7 +539,7 @@ import orbax.checkpoint as ocp
 from absl import app
 
 from experiments import run
-from softjax import checkpointing
+from softjax.run import checkpointing
 
 KILL_STEP, HOOK = int(sys.argv.pop(1)), sys.argv.pop(1)
 save = checkpointing.RunCheckpointer.save
@@ -656,3 +650,211 @@ def test_same_seed_same_rows_other_seed_other_losses(reference, cache_dir, tmp_p
   other = experiment.run(other, str(tmp_path / "seed1"))
   losses = lambda rows: [r["train_loss"] for r in rows]  # noqa: E731
   assert all(a != b for a, b in zip(losses(other["rows"]), losses(reference[1]["rows"])))
+
+
+# ---------------------------------------------------------- 12. a workdir held by a live run
+
+
+def test_second_run_on_a_held_workdir_is_refused_at_once(cache_dir, tmp_path):
+  workdir = str(tmp_path / "held")
+  os.makedirs(workdir)
+  held = workdir_lib.WorkdirLock(workdir)
+  try:
+    with pytest.raises(WorkdirError, match=rf"in use by another live run \(pid {os.getpid()}\)"):
+      experiment.run(make_config(cache_dir), workdir)
+  finally:
+    held.release()
+  assert sorted(os.listdir(workdir)) == [".lock"]  # refused before anything was set up
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
+  code = ("import sys, time\nfrom softjax.run import workdir as w\n"
+          "w.WorkdirLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)")
+  proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(WorkdirError, match=f"pid {proc.pid}"):
+      workdir_lib.WorkdirLock(str(tmp_path))
+  finally:
+    proc.kill()
+    proc.wait()
+  workdir_lib.WorkdirLock(str(tmp_path)).release()  # the kernel dropped the dead run's lock
+
+
+# ------------------------------------------------------------------------------- 13. Ctrl-C
+
+
+def test_ctrl_c_in_the_loop_is_one_line_and_the_run_resumes(reference, cache_dir, tmp_path):
+  def interrupt(t):
+    if t == 3:
+      raise KeyboardInterrupt
+
+  workdir = str(tmp_path / "interrupted")
+  with pytest.raises(errors.Interrupted, match=re.escape(
+      "interrupted after round 3 (newest checkpoint: round 2); run the same command to resume")):
+    experiment.run(make_config(cache_dir), workdir, on_round_end=interrupt)
+  experiment.run(make_config(cache_dir), workdir)
+  assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0]))
+
+
+def test_ctrl_c_during_a_save_waits_for_the_save():
+  ran_on = []
+  with pytest.raises(KeyboardInterrupt):
+    with checkpointing._interrupts_held():
+      os.kill(os.getpid(), signal.SIGINT)
+      ran_on.append("after the signal")  # the block is not cut short
+  assert ran_on == ["after the signal"]
+
+
+@pytest.mark.slow
+def test_sigint_to_the_launcher_prints_one_line_and_resumes(reference, cache_dir, tmp_path):
+  workdir = str(tmp_path / "sigint")
+  cmd = [sys.executable, "-m", "experiments.run", "--config=configs/testing.py:rounds=6",
+         f"--workdir={workdir}", f"--config.model.cache_dir={cache_dir}"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  for line in proc.stdout:
+    if line.startswith("round 3/6"):
+      proc.send_signal(signal.SIGINT)
+      break
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert re.fullmatch(r"interrupted after round \d \(newest checkpoint: round \d\); run the same "
+                      r"command to resume", last), err
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0]))
+
+
+# --------------------------------------------------- 14. damaged, cut off or deleted metrics
+
+
+def _rewrite_metrics(workdir, keep):
+  path = os.path.join(workdir, "metrics.jsonl")
+  lines = open(path).read().splitlines()
+  with open(path, "w") as f:
+    f.write("".join(keep(i + 1, line) for i, line in enumerate(lines)))
+
+
+METRICS_DAMAGE = {  # round -> what is left of its line
+    "rows_5_6_deleted": lambda t, line: "" if t >= 5 else line + "\n",
+    "row_5_garbled": lambda t, line: "{not json\n" if t == 5 else line + "\n",
+    "file_cut_inside_row_5": lambda t, line: (line + "\n" if t < 5 else
+                                              line[:10] if t == 5 else ""),
+}
+
+
+@pytest.mark.parametrize("damage", METRICS_DAMAGE)
+def test_missing_metrics_rows_are_recomputed_from_an_earlier_checkpoint(
+    damage, reference, cache_dir, tmp_path, caplog):
+  workdir = copy_of(reference[0], tmp_path)
+  _rewrite_metrics(workdir, METRICS_DAMAGE[damage])
+  with caplog.at_level(logging.WARNING):
+    summary = experiment.run(make_config(cache_dir), workdir)
+  assert "no rows for rounds 5" in caplog.text and "after round 4" in caplog.text
+  assert summary["missing_rounds"] == []
+  assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0]))
+  assert steps_in(workdir) == [4, 6]  # step 6 was saved again
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.replaced"))  # the old one kept
+
+
+def test_metrics_rows_no_checkpoint_can_recompute_are_named(reference, cache_dir, tmp_path,
+                                                             caplog, capsys):
+  workdir = copy_of(reference[0], tmp_path)
+  _rewrite_metrics(workdir, lambda t, line: "" if t <= 2 else line + "\n")
+  with caplog.at_level(logging.WARNING):
+    summary = experiment.run(make_config(cache_dir), workdir)
+  assert "no rows for rounds 1-2 and no kept checkpoint precedes them" in caplog.text
+  assert summary["missing_rounds"] == [1, 2]
+  assert "metrics.jsonl has no rows for rounds 1-2" in capsys.readouterr().out
+  assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0])[2:])
+
+
+def test_a_deleted_metrics_file_is_reported_and_the_summary_does_not_crash(
+    reference, cache_dir, tmp_path, capsys):
+  workdir = copy_of(reference[0], tmp_path)
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  summary = experiment.run(make_config(cache_dir), workdir)
+  assert summary["missing_rounds"] == list(range(1, ROUNDS + 1))
+  assert summary["final_accuracy"] is None
+  assert "final test accuracy n/a" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------- 15. a damaged cached backbone
+
+
+def test_a_damaged_cached_backbone_is_rebuilt(cache_dir, tmp_path, caplog):
+  own_cache = str(tmp_path / "cache")
+  experiment.run(make_config(own_cache, rounds=1), str(tmp_path / "first"))
+  (cached,) = glob.glob(os.path.join(own_cache, "*.npz"))
+  with open(cached, "r+b") as f:
+    f.truncate(os.path.getsize(cached) // 2)
+  with caplog.at_level(logging.WARNING):
+    summary = experiment.run(make_config(own_cache, rounds=1), str(tmp_path / "second"))
+  assert "cannot be read" in caplog.text and "pretrained again" in caplog.text
+  assert os.path.exists(cached + ".damaged") and summary["final_accuracy"] is not None
+  first = rows_of(str(tmp_path / "first"))
+  assert comparable(rows_of(str(tmp_path / "second"))) == comparable(first)  # same backbone
+
+
+def test_a_damaged_backbone_given_by_path_is_one_error(cache_dir, tmp_path):
+  path = str(tmp_path / "vit.npz")
+  with open(path, "wb") as f:
+    f.write(b"PK\x03\x04 not really a zip")
+  with pytest.raises(errors.BackboneError, match=f"{re.escape(path)} cannot be read"):
+    experiment.run(make_config(cache_dir, **{"model.backbone": path}), str(tmp_path / "w"))
+
+
+# -------------------------------------------------- 16. a data_dir that does not exist, budgets
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error(cache_dir, tmp_path):
+  missing = str(tmp_path / "no_such_dir")
+  with pytest.raises(errors.DatasetNotFoundError,
+                     match=rf"data.data_dir = '{re.escape(missing)}' is not a directory"):
+    experiment.run(make_config(cache_dir, **{"data.data_dir": missing}), str(tmp_path / "w"))
+
+
+def test_a_budget_local_training_alone_exceeds(cache_dir, tmp_path, caplog):
+  tiny = {"wireless.budget_s": 1e-9}
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"wireless.budget_s = 1e-09 .* fastest client's local training"):
+    experiment.run(make_config(cache_dir, rounds=1, **OSFA, **tiny), str(tmp_path / "osfa"))
+  with caplog.at_level(logging.WARNING):  # the fixed controller only reports latency: a warning
+    experiment.run(make_config(cache_dir, rounds=1, **tiny), str(tmp_path / "fixed"))
+  assert "local training time of the slowest clients" in caplog.text
+
+
+# --------------------------------------- 17. a checkpoint made before the controller state moved
+
+
+def test_a_checkpoint_with_the_queue_in_its_host_record_resumes(cache_dir, tmp_path):
+  """Checkpoints made before this change kept the queue in the JSON host record
+  (`controllers`), not in the state tree; they resume to the rows of an uninterrupted run."""
+  config = make_config(cache_dir, **OSFA)
+  full = str(tmp_path / "full")
+  experiment.run(config, full)
+  old = checkpointing.RunCheckpointer(os.path.join(full, "checkpoints"), every=2, keep=2)
+  meta = old._saved_metadata(4)
+  template = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
+              for k, v in meta.items() if k != "controller"}
+  template["controller"] = {"queue": np.zeros((), np.float64),
+                            "fallbacks": np.zeros((), np.int64)}
+  tree, host = old.restore(4, template)
+  old.close()
+  controller = tree.pop("controller")
+  host["controllers"] = [{"queue": float(controller["queue"]),
+                          "fallbacks": int(controller["fallbacks"])}]
+  assert float(controller["queue"]) > 0  # the queue matters for the rounds that follow
+  legacy = str(tmp_path / "legacy")
+  writer = checkpointing.RunCheckpointer(os.path.join(legacy, "checkpoints"), every=2, keep=2)
+  writer.save(4, tree, host)
+  writer.close()
+  rows = rows_of(full)
+  with open(os.path.join(legacy, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows[:4])
+  experiment.run(config, legacy)
+  assert comparable(rows_of(legacy)) == comparable(rows)

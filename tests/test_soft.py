@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from softjax import soft
+from softjax.sparsify import diagnostics, soft
+from softjax.sparsify import masks as masks_lib
 
 # Two-component example. Columns of B: b1 = (1, 0, 0), b2 = (1, 1, 0), b1.b2 = 1,
 # |b1|^2 = 1, |b2|^2 = 2. Rows of A: a1 = (1, 0, 1), a2 = (0, 1, 1), a1.a2 = 1, |a|^2 = 2.
@@ -150,8 +151,8 @@ def test_kept_count_matches_exact_fractions_without_retracing():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def count_and_mask(ratio, scores):
-    m = soft.kept_count(ratio, scores.shape[0])
-    return m, soft.topm_mask(scores, m)
+    m = masks_lib.kept_count(ratio, scores.shape[0])
+    return m, masks_lib.topm_mask(scores, m)
 
   for r in (1, 3, 4, 8, 48):
     scores = jnp.asarray(np.random.default_rng(r).normal(size=r), jnp.float32)
@@ -167,26 +168,26 @@ def test_kept_count_matches_exact_fractions_without_retracing():
 
 
 def test_kept_count_exact_integers():
-  assert int(soft.kept_count(0.5, 8)) == 4
-  assert int(soft.kept_count(0.3, 10)) == 3
-  assert int(soft.kept_count(0.25, 4)) == 1
-  assert int(soft.kept_count(1e-4, 8)) == 1
-  assert int(soft.kept_count(1.0, 64)) == 64
+  assert int(masks_lib.kept_count(0.5, 8)) == 4
+  assert int(masks_lib.kept_count(0.3, 10)) == 3
+  assert int(masks_lib.kept_count(0.25, 4)) == 1
+  assert int(masks_lib.kept_count(1e-4, 8)) == 1
+  assert int(masks_lib.kept_count(1.0, 64)) == 64
   for m in range(1, 65):
-    assert int(soft.kept_count(m / 64, 64)) == m
-    assert int(soft.kept_count(m / 48, 48)) == min(m, 48)
+    assert int(masks_lib.kept_count(m / 64, 64)) == m
+    assert int(masks_lib.kept_count(m / 48, 48)) == min(m, 48)
 
 
 def test_topm_mask_ties_go_to_lower_index():
-  mask = soft.topm_mask(jnp.array([1., 3., 3., 0., 3.]), 2)
+  mask = masks_lib.topm_mask(jnp.array([1., 3., 3., 0., 3.]), 2)
   np.testing.assert_array_equal(mask, [0., 1., 1., 0., 0.])
-  np.testing.assert_array_equal(soft.topm_mask(jnp.zeros(4), 3), [1., 1., 1., 0.])
+  np.testing.assert_array_equal(masks_lib.topm_mask(jnp.zeros(4), 3), [1., 1., 1., 0.])
 
 
 def test_global_topm_masks_pick_global_best():
   s1 = jnp.array([9., 1., 8., 0.])
   s2 = jnp.array([7., 6., 5., 10.])
-  masks = soft.global_topm_masks([s1, s2], 4)  # m = 2 per layer, L = 2
+  masks = masks_lib.global_topm_masks([s1, s2], 4)  # m = 2 per layer, L = 2
   np.testing.assert_array_equal(masks[0], [1., 0., 1., 0.])
   np.testing.assert_array_equal(masks[1], [1., 0., 0., 1.])
   assert sum(float(m.sum()) for m in masks) == 4
@@ -269,30 +270,30 @@ def test_covariance_term_matches_explicit_product():
   p = np.array([0.5, 0.3, 0.2], np.float32)
   Bbar, Abar = np.einsum("k,kor->or", p, Bs), np.einsum("k,kri->ri", p, As)
   explicit = np.linalg.norm(np.einsum("k,kor,kri->oi", p, Bs, As) - Bbar @ Abar)
-  got = soft.covariance_term(jnp.asarray(Bs), jnp.asarray(As), jnp.asarray(p))
+  got = diagnostics.covariance_term(jnp.asarray(Bs), jnp.asarray(As), jnp.asarray(p))
   np.testing.assert_allclose(got, explicit, rtol=1e-4)
   # Unnormalised weights give the same (they are normalised inside).
-  np.testing.assert_allclose(soft.covariance_term(Bs, As, 10 * p), explicit, rtol=1e-4)
-  same = soft.covariance_term(jnp.asarray(np.repeat(Bs[:1], K, 0)),
+  np.testing.assert_allclose(diagnostics.covariance_term(Bs, As, 10 * p), explicit, rtol=1e-4)
+  same = diagnostics.covariance_term(jnp.asarray(np.repeat(Bs[:1], K, 0)),
                               jnp.asarray(np.repeat(As[:1], K, 0)), jnp.asarray(p))
   assert float(same) == 0.0
   stacked = {"l0": {"A": jnp.asarray(As), "B": jnp.asarray(Bs)}}
-  np.testing.assert_allclose(soft.covariance_terms(stacked, jnp.asarray(p)), [explicit],
+  np.testing.assert_allclose(diagnostics.covariance_terms(stacked, jnp.asarray(p)), [explicit],
                              rtol=1e-4)
 
 
 def test_orthogonality_residual():
   rng = np.random.default_rng(5)
   B, A = orthogonal_factors(rng, 7, 5, [1., 2., 3.], [3., 1., .5])
-  rB, rA = soft.orthogonality_residual(B, A)
+  rB, rA = diagnostics.orthogonality_residual(B, A)
   assert float(rB) < 1e-6 and float(rA) < 1e-6
-  rB, rA = soft.orthogonality_residual(jnp.asarray(B_HAND), jnp.asarray(A_HAND))
+  rB, rA = diagnostics.orthogonality_residual(jnp.asarray(B_HAND), jnp.asarray(A_HAND))
   # B^T B = [[1, 1], [1, 2]]: sqrt(2) / sqrt(7). A A^T = [[2, 1], [1, 2]]: sqrt(2) / sqrt(10).
   np.testing.assert_allclose(rB, math.sqrt(2 / 7), rtol=1e-6)
   np.testing.assert_allclose(rA, math.sqrt(2 / 10), rtol=1e-6)
-  zero = soft.orthogonality_residual(jnp.zeros((4, 2)), jnp.asarray(A_HAND[:, :3]))
+  zero = diagnostics.orthogonality_residual(jnp.zeros((4, 2)), jnp.asarray(A_HAND[:, :3]))
   assert float(zero[0]) == 0.0
-  rBs, rAs = soft.orthogonality_residuals(hand_tree())
+  rBs, rAs = diagnostics.orthogonality_residuals(hand_tree())
   assert rBs.shape == (2,) and float(rBs[0]) > 0 and float(rBs[1]) < 1e-6
 
 

@@ -10,11 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from softjax import compressors
-from softjax import federated
-from softjax import payload
-from softjax import sparsifiers
-from tests import test_federated
+from softjax.federated import round as round_lib
+from softjax.federated import schedule
+from softjax.federated import types as fl_types
+from softjax.sparsify import masks as masks_lib
+from softjax.sparsify import payload
+from softjax.sparsify import sparsifier as sparsifiers
+from tests import support
 
 D_IN, D_OUT, R = 6, 5, 4
 
@@ -86,8 +88,8 @@ def test_rlora_mask_reproducible_from_the_shared_key():
   # The server rebuilds the mask of matrix i from fold_in(key, i) alone.
   leaves = jax.tree.leaves(a.support)
   for i, leaf in enumerate(leaves):
-    k = compressors.topk_count(0.5, leaf.size)
-    rebuilt = compressors.random_k_mask(jax.random.fold_in(jax.random.key(9), i), leaf.shape, k)
+    k = masks_lib.topk_count(0.5, leaf.size)
+    rebuilt = masks_lib.random_k_mask(jax.random.fold_in(jax.random.key(9), i), leaf.shape, k)
     np.testing.assert_array_equal(rebuilt, leaf)
 
 
@@ -126,15 +128,15 @@ def test_slora_aggregate_is_the_refactorized_mean_product():
 
 
 def test_soft_with_everything_kept_equals_dense():
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  apply_fn, frozen, state, data = support.tiny_setup()
   clients = jnp.array([0, 1, 3], jnp.int32)
-  hp = federated.make_hparams(0.05, zeta=0.0, keep_ratio=1.0)
+  hp = fl_types.make_hparams(0.05, zeta=0.0, keep_ratio=1.0)
   results = {}
   for name in ("dense", "soft"):
     method = sparsifiers.make_sparsifier(name)
-    st = federated.init_state(state.trainable.lora, state.trainable.head, 4,
+    st = fl_types.init_state(state.trainable.lora, state.trainable.head, 4,
                               method.error_feedback)
-    round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
+    round_fn = round_lib.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
                                     client_parallelism=1, sparsifier=method)
     results[name] = jax.jit(round_fn)(st, frozen, data, clients, jax.random.key(0), hp)
   chex.assert_trees_all_close(results["dense"][0].trainable, results["soft"][0].trainable,
@@ -144,11 +146,11 @@ def test_soft_with_everything_kept_equals_dense():
 
 @pytest.mark.parametrize("name", sparsifiers.METHODS)
 def test_every_method_runs_in_the_round_without_recompiling_for_new_o(name):
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  apply_fn, frozen, state, data = support.tiny_setup()
   method = sparsifiers.make_sparsifier(name)
-  st = federated.init_state(state.trainable.lora, state.trainable.head, 4, method.error_feedback)
+  st = fl_types.init_state(state.trainable.lora, state.trainable.head, 4, method.error_feedback)
   traces = collections.Counter()
-  round_fn = federated.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
+  round_fn = round_lib.make_round(apply_fn, optimizer="sgd", local_steps=2, batch_size=4,
                                   client_parallelism=1, sparsifier=method, value_bits=32,
                                   head_params=16 * 5 + 5)
 
@@ -159,8 +161,8 @@ def test_every_method_runs_in_the_round_without_recompiling_for_new_o(name):
   step = jax.jit(counted)
   bits = []
   for t, o in enumerate([1.0, 0.5, 0.25]):
-    hp = federated.make_hparams(0.05, zeta=0.1, keep_ratio=o)
-    st, m = step(st, frozen, data, federated.sample_clients(0, t, 4, 2), jax.random.key(0), hp)
+    hp = fl_types.make_hparams(0.05, zeta=0.1, keep_ratio=o)
+    st, m = step(st, frozen, data, schedule.sample_clients(0, t, 4, 2), jax.random.key(0), hp)
     bits.append(int(m.client_bits.sum()))
     assert np.isfinite(float(m.train_loss)) and np.isfinite(float(m.cov_term))
   assert traces["n"] == 1
@@ -176,15 +178,15 @@ def test_every_method_runs_in_the_round_without_recompiling_for_new_o(name):
 
 def test_orthogonality_penalty_enters_the_local_objective():
   """With zeta > 0 the factors after a round are more orthogonal than with zeta = 0."""
-  apply_fn, frozen, state, data = test_federated.tiny_setup()
+  apply_fn, frozen, state, data = support.tiny_setup()
   method = sparsifiers.make_sparsifier("dense")
-  round_fn = jax.jit(federated.make_round(apply_fn, optimizer="sgd", local_steps=5,
+  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=5,
                                           batch_size=4, client_parallelism=1,
                                           sparsifier=method))
   res = {}
   for zeta in (0.0, 5.0):
-    st = federated.init_state(state.trainable.lora, state.trainable.head, 4, False)
+    st = fl_types.init_state(state.trainable.lora, state.trainable.head, 4, False)
     _, m = round_fn(st, frozen, data, jnp.array([0, 1], jnp.int32), jax.random.key(0),
-                    federated.make_hparams(0.05, zeta=zeta))
+                    fl_types.make_hparams(0.05, zeta=zeta))
     res[zeta] = float(np.asarray(m.orth_residual)[1])  # rows of A
   assert res[5.0] < res[0.0]

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from softjax import config as config_lib
-from softjax import experiment
-from softjax import metrics as metrics_lib
-from softjax import sweep
-from tests.test_experiment import cache_dir  # noqa: F401  (the shared backbone fixture)
-from tests.test_experiment import comparable
-from tests.test_experiment import make_config
+from softjax.config import sweep
+from softjax.run import experiment
+from softjax.run import metrics as metrics_lib
+from tests.support import comparable, make_config
 
 ROUNDS = 4
 SWEEP = {"method.name": "soft", "controller.name": "osfa", "sweep.mode": "zip",
@@ -47,7 +45,7 @@ def test_bad_sweeps_name_the_field():
 
 
 @pytest.fixture(scope="module")
-def swept(cache_dir, tmp_path_factory):  # noqa: F811
+def swept(cache_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("sweep"))
   return workdir, experiment.run(make_config(cache_dir, rounds=ROUNDS, **SWEEP), workdir)
 
@@ -57,7 +55,7 @@ def _numbers(row):
           k not in metrics_lib.TIMING_FIELDS and k != "member" and not k.startswith("sweep.")}
 
 
-def test_each_member_equals_its_setting_run_alone(swept, cache_dir, tmp_path):  # noqa: F811
+def test_each_member_equals_its_setting_run_alone(swept, cache_dir, tmp_path):
   _, summary = swept
   assert summary["round_traces"] == 1  # three settings, one compilation
   members = sweep.member_configs(make_config(cache_dir, rounds=ROUNDS, **SWEEP))
@@ -79,7 +77,7 @@ def test_each_member_equals_its_setting_run_alone(swept, cache_dir, tmp_path):  
       assert got["kept_components"] == want["kept_components"]
 
 
-def test_sweep_rows_carry_the_settings_and_resume(swept, cache_dir, tmp_path):  # noqa: F811
+def test_sweep_rows_carry_the_settings_and_resume(swept, cache_dir, tmp_path):
   full_dir, _ = swept
   want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
   assert [(r["round"], r["member"]) for r in want[:4]] == [(1, 0), (1, 1), (1, 2), (2, 0)]

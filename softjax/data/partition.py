@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-PARTITIONS = ("iid", "shards", "dirichlet")
+from softjax.config.choices import PARTITIONS  # noqa: F401  (re-exported)
 
 # Attempts at drawing a Dirichlet partition that gives every client at least
 # `min_size` examples before giving up.

@@ -9,17 +9,21 @@ serves both it and a downloaded ViT-B/16.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import math
 import os
 import tempfile
-from collections.abc import Mapping
 from typing import Any
+import zipfile
 
+from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from flax import traverse_util
+from scipy import ndimage
+
+from softjax.errors import BackboneError, CheckpointMismatchError
 
 PyTree = Any
 FlatParams = dict[str, np.ndarray]
@@ -30,10 +34,6 @@ HEAD_PREFIX = "head/"
 # ViT-B/16 ImageNet-21k checkpoints carry a representation layer before the head;
 # `VisionTransformer` has none.
 PRE_LOGITS_PREFIX = "pre_logits/"
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not fit the model: missing keys, extra keys or wrong shapes."""
 
 
 def flatten_params(tree: Mapping[str, Any]) -> FlatParams:
@@ -99,23 +99,31 @@ def load_npz(path: str | os.PathLike) -> FlatParams:
     Flat dict `{'a/b/c': np.ndarray}`.
 
   Raises:
-    FileNotFoundError: the file does not exist (the message says how to make one).
+    BackboneError: the file does not exist (the message says how to make one), or it is
+      truncated or damaged.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise BackboneError(
         f"No ViT checkpoint at {path!r}. Produce one with `python -m experiments.pretrain` "
         "(the project's CPU-scale backbone), or download a ViT .npz in the "
         "google-research/vision_transformer layout (e.g. ViT-B_16.npz) and pass its path.")
-  with np.load(path, allow_pickle=False) as data:
-    return {key: data[key] for key in data.files}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {key: data[key] for key in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise BackboneError(f"ViT checkpoint {path} cannot be read ({type(e).__name__}: {e}); the "
+                        "file is truncated or damaged: download or produce it again") from e
 
 
 def resize_posemb(posemb: np.ndarray, new_len: int) -> np.ndarray:
-  """Resizes a position embedding to a new number of patches.
+  """Resizes a position embedding to a new number of patches, as ViT fine-tuning does.
 
-  The cls-token row is kept as is; the patch rows, viewed as a square grid, are resized
-  bilinearly (the usual way to fine-tune at another resolution).
+  The public convention (google-research/vision_transformer, fine-tuning at another
+  resolution): the class-token row is kept aside unchanged; the patch rows, viewed as a square
+  g x g grid, are interpolated linearly along both grid axes to G x G with the corner cells
+  aligned (`scipy.ndimage.zoom` with order=1: output cell j samples input position
+  j (g - 1) / (G - 1)), each embedding channel on its own.
 
   Args:
     posemb: `[1, 1 + g*g, D]`.
@@ -129,11 +137,13 @@ def resize_posemb(posemb: np.ndarray, new_len: int) -> np.ndarray:
   """
   old_grid, new_grid = _square_grid(posemb.shape[1] - 1), _square_grid(new_len - 1)
   width = posemb.shape[-1]
-  cls_row = jnp.asarray(posemb[:, :1], jnp.float32)
-  grid = jnp.asarray(posemb[0, 1:], jnp.float32).reshape(old_grid, old_grid, width)
-  grid = jax.image.resize(grid, (new_grid, new_grid, width), method="bilinear")
-  grid = grid.reshape(1, new_grid * new_grid, width)
-  return np.asarray(jnp.concatenate([cls_row, grid], axis=1))
+  cls_row = np.asarray(posemb[:, :1], np.float32)
+  grid = np.asarray(posemb[0, 1:], np.float32).reshape(old_grid, old_grid, width)
+  if new_grid != old_grid:
+    factor = new_grid / old_grid
+    grid = ndimage.zoom(grid, (factor, factor, 1), order=1)
+  grid = grid.reshape(1, new_grid * new_grid, width).astype(np.float32)
+  return np.concatenate([cls_row, grid], axis=1)
 
 
 def _square_grid(num_patches: int) -> int:

@@ -13,9 +13,9 @@ with the tree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -95,6 +95,15 @@ def lora_scale(lora_cfg: LoRAConfig) -> float:
 def is_factor_pair(node: Any) -> bool:
   """True for the `{"A", "B"}` dict of one adapted layer."""
   return isinstance(node, Mapping) and set(node.keys()) == {"A", "B"}
+
+
+def factor_pairs(lora_tree: PyTree) -> tuple[list[dict[str, jax.Array]], Any]:
+  """The `{"A", "B"}` dicts of a LoRA tree in `jax.tree` order, and the treedef above them."""
+  pairs, treedef = jax.tree.flatten(lora_tree, is_leaf=is_factor_pair)
+  bad = [type(p).__name__ for p in pairs if not is_factor_pair(p)]
+  if bad:
+    raise ValueError(f"LoRA tree has leaves outside {{'A', 'B'}} dicts: {bad[:3]}.")
+  return pairs, treedef
 
 
 def path_str(path: tuple[Any, ...]) -> str:

@@ -23,12 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from softjax.config.choices import LORA_TARGETS  # noqa: F401  (re-exported)
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 # Target names accepted by `LoRAConfig.targets`. "query".."out" are the four attention
 # projections; "mlp" adapts both Dense layers of the MLP block.
-LORA_TARGETS: tuple[str, ...] = ("query", "key", "value", "out", "mlp")
 
 # Architecture sizes by name. "tiny" is for unit tests on 8x8 digits, "cpu_small" for 28x28
 # Fashion-MNIST on a CPU, "B/16" is the ViT-Base/16 of the public checkpoints.

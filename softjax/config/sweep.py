@@ -26,7 +26,9 @@ from typing import Any
 
 import ml_collections
 
-from softjax import config as config_lib
+from softjax.config.choices import SWEEP_MODES as MODES
+from softjax.config.defaults import partition_seed as _partition_seed
+from softjax.errors import ConfigError
 
 # sweep field -> the config field it sets, and its type
 SWEEPABLE: dict[str, tuple[str, type]] = {
@@ -36,7 +38,6 @@ SWEEPABLE: dict[str, tuple[str, type]] = {
     "V": ("controller.V", float),
     "seed": ("seed", int),
 }
-MODES = ("grid", "zip")
 
 
 def swept_values(config: ml_collections.ConfigDict) -> dict[str, list]:
@@ -51,9 +52,9 @@ def swept_values(config: ml_collections.ConfigDict) -> dict[str, list]:
     except ValueError:
       values = []
     if not values:
-      raise config_lib.ConfigError(f"sweep.{name}", config.sweep[name],
-                                   f"must be a comma list of {kind.__name__} values, e.g. "
-                                   + ("'0,1,2'" if kind is int else "'0.01,0.1'"))
+      raise ConfigError(f"sweep.{name}", config.sweep[name],
+                            f"must be a comma list of {kind.__name__} values, e.g. "
+                            + ("'0,1,2'" if kind is int else "'0.01,0.1'"))
     out[name] = values
   return out
 
@@ -71,7 +72,7 @@ def settings(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   if config.sweep.mode == "zip":
     lengths = {len(v) for v in values.values()}
     if len(lengths) != 1:
-      raise config_lib.ConfigError(
+      raise ConfigError(
           "sweep.mode", "zip", "needs lists of one length; got "
           + ", ".join(f"{n}: {len(v)}" for n, v in values.items()))
     combos = zip(*values.values())
@@ -83,22 +84,17 @@ def settings(config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 def member_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """One plain config (no sweep) per member; each runs alone exactly as inside the sweep."""
   if config.sweep.mode not in MODES:
-    raise config_lib.ConfigError("sweep.mode", config.sweep.mode,
-                                 f"must be one of {', '.join(MODES)}")
+    raise ConfigError("sweep.mode", config.sweep.mode,
+                      f"must be one of {', '.join(MODES)}")
   members = []
-  partition_seed = config_lib.partition_seed(config)
+  partition_seed = _partition_seed(config)
   for setting in settings(config):
     member = ml_collections.ConfigDict(config.to_dict())
     for name in SWEEPABLE:
       member.sweep[name] = ""
     member.data.partition_seed = partition_seed  # the data is shared by every member
-    for name, value in setting.items():
-      section_field = SWEEPABLE[name][0]
-      if "." in section_field:
-        section, field = section_field.split(".")
-        member[section][field] = value
-      else:
-        member[section_field] = value
+    member.update_from_flattened_dict({SWEEPABLE[name][0]: value
+                                       for name, value in setting.items()})
     member.lock()
     members.append(member)
   return members

@@ -14,72 +14,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from softjax import soft
+from softjax.sparsify import soft
+from softjax.sparsify.masks import magnitude_topk_mask, random_k_mask, topk_count
 
 # mask_fn(values, k) -> float32 0/1 mask of values.shape with exactly k ones.
 MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-# ----------------------------------------------------------------------------------------------
-# Element-wise sparsifiers (TLoRA, RLoRA)
-# ----------------------------------------------------------------------------------------------
-
-def topk_count(keep_ratio: jax.Array | float, size: int) -> jax.Array:
-  """Entries kept out of `size`: k = max(1, ceil(O * size)), clipped to size.
-
-  Uses the same float32 guard as `soft.kept_count`: a product that is mathematically an
-  integer gives exactly that integer.
-
-  Args:
-    keep_ratio: O in (0, 1], traced float32 scalar.
-    size: number of entries (static).
-
-  Returns:
-    int32 scalar in [1, size].
-
-  References: ALGORITHM.md section 7 (TLoRA, RLoRA keep ratio).
-  """
-  return soft.kept_count(keep_ratio, size)
-
-
-def magnitude_topk_mask(x: jax.Array, k: jax.Array | int) -> jax.Array:
-  """TLoRA mask: exactly k entries of largest |x|; ties go to the lower flat index.
-
-  Args:
-    x: array of any static shape.
-    k: traced int scalar.
-
-  Returns:
-    float32 mask of x.shape.
-
-  References: ALGORITHM.md section 7 (TLoRA).
-  """
-  return soft.topm_mask(jnp.abs(x).reshape(-1), k).reshape(x.shape)
-
-
-def random_k_mask(key: jax.Array, shape: tuple[int, ...], k: jax.Array | int) -> jax.Array:
-  """RLoRA mask: exactly k entries chosen uniformly at random.
-
-  The ranks of iid uniform draws form a uniformly random permutation, so the k best draws are a
-  uniformly random k-subset. The mask depends only on (key, shape, k): a server holding the
-  same key rebuilds it exactly, so no indices are sent. Use a different key (e.g. via
-  `jax.random.fold_in`) for B and for A.
-
-  Args:
-    key: PRNG key shared with the server.
-    shape: static mask shape.
-    k: traced int scalar.
-
-  Returns:
-    float32 mask of `shape`.
-
-  References: ALGORITHM.md section 7 (RLoRA).
-  """
-  size = 1
-  for n in shape:
-    size *= n
-  draws = jax.random.uniform(key, (size,), jnp.float32)
-  return soft.topm_mask(draws, k).reshape(shape)
 
 
 def elementwise_compress(U: jax.Array, residual: jax.Array, k: jax.Array | int,
@@ -156,10 +95,6 @@ def rlora_compress(key: jax.Array, U: jax.Array, residual: jax.Array,
   return elementwise_compress(U, residual, topk_count(keep_ratio, U.size),
                               lambda v, k: random_k_mask(key, v.shape, k), rescale=rescale)
 
-
-# ----------------------------------------------------------------------------------------------
-# SVD-based selection (SLoRA)
-# ----------------------------------------------------------------------------------------------
 
 def svd_topm(P: jax.Array, m: jax.Array | int):
   """SLoRA client step: thin SVD of the local product and a mask of the top-m triplets.

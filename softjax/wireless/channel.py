@@ -1,14 +1,13 @@
-"""Simulated wireless uplink: placement, channel gains, FDMA rates, compute and round latency.
+"""The radio channel: client placement, path loss, shadowing, fading, bursts, CSI error, dropouts.
 
 Everything here is a pure host-side NumPy function of (parameters, seed, round), so a resumed run
 redraws exactly the channel of the uninterrupted run. Host random streams follow the project
 convention `np.random.default_rng([seed, stream, ...])`; the stream ids below are reserved for the
 wireless model (0 and 1 belong to client sampling and partitioning).
 
-Units: distances in metres, bandwidth in Hz, rates in bit/s, times in seconds, powers in watts
-internally (the config speaks dBm). The "SNR coefficient" of a client is
-`a_k = p * beta_k * g_k / N0` in Hz: the SNR it would have on a 1 Hz band, so that on a band of
-`b` Hz its SNR is `a_k / b` and its rate `b * log2(1 + a_k / b)`.
+Units: distances in metres, bandwidth in Hz, times in seconds, powers in watts internally (the
+config speaks dBm). The "SNR coefficient" of a client is `a_k = p * beta_k * g_k / N0` in Hz: the
+SNR it would have on a 1 Hz band, so that on a band of `b` Hz its SNR is `a_k / b`.
 
 References: ALGORITHM.md section 4.
 """
@@ -16,21 +15,29 @@ References: ALGORITHM.md section 4.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Sequence
 
 import numpy as np
 
 # Host rng streams owned by this module: np.random.default_rng([seed, stream, ...]).
 STREAM_PLACEMENT = 10
-STREAM_FADING = 11
-STREAM_SHADOWING = 12
-STREAM_DEVICE_SPEED = 13
-STREAM_BURSTS = 14
-STREAM_CSI = 15
-STREAM_DROPOUT = 16
 
-DENSE_BUDGET_REFERENCES = ("expected_max", "worst")
+
+STREAM_FADING = 11
+
+
+STREAM_SHADOWING = 12
+
+
+STREAM_DEVICE_SPEED = 13
+
+
+STREAM_BURSTS = 14
+
+
+STREAM_CSI = 15
+
+
+STREAM_DROPOUT = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,187 +279,3 @@ def snr_coefficient_hz(beta, g, cfg: ChannelConfig) -> np.ndarray:
   """
   return cfg.tx_power_w * np.asarray(beta, np.float64) * np.asarray(g, np.float64) / (
       cfg.noise_psd_w_hz)
-
-
-def rate_bps(bandwidth_hz, snr_coeff, xp=np):
-  """Shannon rate `R = b log2(1 + a / b)` of a band of b Hz; 0 where b = 0.
-
-  Concave and increasing in b, tending to `a / ln 2` as b grows (the power-limited regime), which
-  is why bandwidth alone cannot rescue a client in a deep fade. Written with log1p so that wide
-  bands (a / b small) keep their precision.
-
-  Args:
-    bandwidth_hz: b >= 0.
-    snr_coeff: a >= 0 in Hz (see `snr_coefficient_hz`).
-    xp: the array namespace: numpy on the host (float64), jax.numpy inside the jitted round
-      (float32), so both compute latency with this one formula.
-
-  Returns:
-    Rates in bit/s, broadcast shape.
-
-  References: ALGORITHM.md section 4.
-  """
-  b, a = _floats(xp, bandwidth_hz), _floats(xp, snr_coeff)
-  on = b > 0
-  safe = xp.where(on, b, 1.0)  # keeps the untaken branch finite (and its gradient, under jit)
-  return xp.where(on, safe * xp.log1p(a / safe) / math.log(2.0), 0.0)
-
-
-def _floats(xp, x):
-  """float64 NumPy on the host, float32 inside jit (the round's dtype)."""
-  return np.asarray(x, np.float64) if xp is np else xp.asarray(x, xp.float32)
-
-
-def compute_time_s(local_steps: int, batch_size: int, flops_per_example: float,
-                   speed) -> np.ndarray:
-  """Local training time `c_k = E * b * flops_per_example / f_k`.
-
-  Args:
-    local_steps: E.
-    batch_size: b.
-    flops_per_example: training FLOPs of one example (see `flops_per_example`).
-    speed: f_k in FLOP/s, scalar or [N].
-
-  Returns:
-    Seconds, shape of `speed`.
-
-  References: ALGORITHM.md section 4.
-  """
-  return local_steps * batch_size * flops_per_example / np.asarray(speed, np.float64)
-
-
-def flops_per_example(*, seq_len: int, width: int, depth: int, mlp_dim: int, num_classes: int,
-                      patch_dim: int = 0, lora_rank: int = 0,
-                      lora_layer_dims: Sequence[tuple[int, int]] = ()) -> float:
-  """Training FLOPs of one example through a ViT with frozen weights and LoRA adapters.
-
-  Approximation [choice]: count only matrix multiplications (layer norms, softmax, GELU and
-  residual adds are elementwise and small next to them), at 2 FLOPs per multiply-accumulate.
-  - forward: patch embedding, per block the q/k/v/out projections (4 L D^2), the attention
-    scores and weighted sum (2 L^2 D) and the MLP (2 L D M), the LoRA paths
-    (L r (d_in + d_out) per adapted matrix) and the head on the cls token;
-  - backward: the activation gradient flows back through every block (one more pass of the
-    block MACs, LoRA paths included), but weight gradients are needed only for the LoRA
-    factors and the head. The frozen patch embedding lies below every adapter, so no gradient
-    goes through it. The weight gradient of a frozen matrix would cost another forward pass,
-    which is why the total is about 2x the forward FLOPs rather than the usual 3x of full
-    fine-tuning. It assumes the lowest block carries adapters (true for the default targets).
-
-  Args:
-    seq_len: tokens through the encoder (patches + cls token).
-    width: model width D.
-    depth: number of encoder blocks.
-    mlp_dim: MLP hidden size M.
-    num_classes: head outputs.
-    patch_dim: values per patch (patch_size^2 * channels); 0 skips the embedding cost.
-    lora_rank: r (0: no adapters).
-    lora_layer_dims: (d_in, d_out) of every adapted matrix over all blocks (the same list
-      `payload.lora_upload_bits` takes).
-
-  Returns:
-    FLOPs per training example (forward + backward).
-
-  References: ALGORITHM.md section 4.
-  """
-  tokens = seq_len
-  block_macs = depth * (4 * tokens * width ** 2 + 2 * tokens ** 2 * width
-                        + 2 * tokens * width * mlp_dim)
-  lora_macs = tokens * lora_rank * sum(d_in + d_out for d_in, d_out in lora_layer_dims)
-  head_macs = width * num_classes
-  embed_macs = (seq_len - 1) * patch_dim * width
-  forward = embed_macs + block_macs + lora_macs + head_macs
-  # Activation gradients flow back from the head through every block and LoRA path; weight
-  # gradients are taken for the trainable parts (LoRA factors, head) only.
-  activation_grads = head_macs + block_macs + lora_macs
-  weight_grads = head_macs + lora_macs
-  backward = activation_grads + weight_grads
-  return 2.0 * float(forward + backward)
-
-
-def client_latencies_s(bits, bandwidth_hz, snr_coeff, compute_s, xp=np):
-  """Per-client round time `c_k + bits_k / R_k(b_k)`; inf when bits > 0 meet a zero rate.
-
-  Args:
-    bits: [K] upload bits per client.
-    bandwidth_hz: [K] allocated bandwidth.
-    snr_coeff: [K] SNR coefficients a_k in Hz.
-    compute_s: [K] local compute times.
-    xp: numpy (host) or jax.numpy (inside the jitted round); see `rate_bps`.
-
-  Returns:
-    [K] seconds.
-
-  References: ALGORITHM.md section 4.
-  """
-  bits = _floats(xp, bits)
-  rates = rate_bps(bandwidth_hz, snr_coeff, xp)
-  sending = bits > 0
-  with np.errstate(divide="ignore"):  # rate 0 with bits to send -> inf, on purpose
-    upload = xp.where(sending, bits / xp.where(sending, rates, 1.0), 0.0)
-  return _floats(xp, compute_s) + upload
-
-
-def round_latency_s(bits, bandwidth_hz, snr_coeff, compute_s) -> float:
-  """Round latency `tau = max_k (c_k + bits_k / R_k(b_k))` over the sampled clients.
-
-  The slowest client decides the round because the server waits for every upload (synchronous
-  FedAvg). Infinite when a client with bits > 0 has zero bandwidth (or zero gain).
-
-  Args:
-    bits: [K] upload bits per client.
-    bandwidth_hz: [K] allocated bandwidth.
-    snr_coeff: [K] SNR coefficients a_k in Hz.
-    compute_s: [K] local compute times.
-
-  Returns:
-    Seconds (float, possibly inf).
-
-  References: ALGORITHM.md section 4.
-  """
-  return float(np.max(client_latencies_s(bits, bandwidth_hz, snr_coeff, compute_s)))
-
-
-def dense_budget_s(dense_bits, beta, compute_s, cfg: ChannelConfig, clients_per_round: int,
-                   reference: str = "expected_max") -> float:
-  """Reference latency that a fractional budget Tbar is measured against.
-
-  Every client uploads the dense payload over the mean channel (g = 1) on an equal share
-  B_tot / K of the band, giving a per-client time `L_k = c_k + bits / R_k(B_tot / K)`.
-  [choice] `reference="expected_max"` (default) returns the expected round latency
-  `E[max_{k in S} L_k]` over a uniformly sampled K-subset S of the N clients, computed exactly
-  from the order statistics (P(max = L_(j)) = C(j-1, K-1) / C(N, K) for the j-th smallest): it is
-  what a dense round costs on average at mean fading, so Tbar = 0.5 x reference asks for about
-  half the dense round time. `reference="worst"` returns `max_k L_k` over all N clients, a
-  stricter reference dominated by the single farthest or slowest client.
-
-  Args:
-    dense_bits: bits of a dense upload (scalar or [N]).
-    beta: [N] large-scale gains of all clients.
-    compute_s: [N] compute times of all clients (scalar broadcasts).
-    cfg: the channel config (bandwidth, power, noise).
-    clients_per_round: K.
-    reference: "expected_max" | "worst".
-
-  Returns:
-    Seconds.
-
-  References: ALGORITHM.md section 4 (Tbar as a fraction of the dense-upload latency).
-  """
-  if reference not in DENSE_BUDGET_REFERENCES:
-    raise ValueError(f"reference must be one of {DENSE_BUDGET_REFERENCES}, got {reference!r}")
-  beta = np.asarray(beta, np.float64)
-  n = beta.shape[0]
-  k = clients_per_round
-  if not 1 <= k <= n:
-    raise ValueError(f"clients_per_round must be in [1, {n}], got {k}")
-  share = np.full(n, cfg.bandwidth_hz / k)
-  lat = client_latencies_s(np.broadcast_to(dense_bits, (n,)), share,
-                           snr_coefficient_hz(beta, 1.0, cfg),
-                           np.broadcast_to(compute_s, (n,)))
-  if reference == "worst":
-    return float(np.max(lat))
-  lat = np.sort(lat)
-  total = math.comb(n, k)
-  # j is 1-based: the j-th smallest is the maximum of S when S holds it and K-1 smaller ones.
-  weights = np.array([math.comb(j - 1, k - 1) / total for j in range(k, n + 1)])
-  return float(np.dot(weights, lat[k - 1:]))

@@ -10,29 +10,27 @@ be read (damaged files) is skipped for the previous one, with a warning (`restor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from typing import Any
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from softjax.errors import CheckpointError, UnreadableCheckpointError
+
 PyTree = Any
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be used for this run; the message says why."""
-
-
-class UnreadableCheckpointError(CheckpointError):
-  """A step directory is there but its files cannot be read (truncated, garbled, missing)."""
 
 
 class RunCheckpointer:
   """Saves and restores (device state, host state) pairs keyed by completed rounds."""
 
-  def __init__(self, directory: str, *, every: int, keep: int):
+  def __init__(self, directory: str, *, every: int, keep: int, optional: tuple[str, ...] = ()):
     self.directory = os.path.abspath(directory)
+    self.optional = optional
     self._every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
@@ -43,24 +41,40 @@ class RunCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """The kept steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def should_save(self, step: int, last_step: int) -> bool:
     return step % self._every == 0 or step == last_step
 
   def save(self, step: int, state: PyTree, host: dict[str, Any]) -> None:
-    """Writes the checkpoint for `step` completed rounds and waits until it is on disk."""
+    """Writes the checkpoint for `step` completed rounds and waits until it is on disk.
+
+    Ctrl-C during the save is held until the save is complete, so an interrupted run always
+    leaves a complete newest checkpoint.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host))
-    self._manager.save(step, args=args, force=True)
-    self._manager.wait_until_finished()
+    with _interrupts_held():
+      self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
 
   def restore(self, step: int, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """Restores `step` into the structure, shapes and dtypes of `template`.
+
+    Top-level keys of `template` in `self.optional` that the saved tree lacks (a checkpoint
+    made before they existed) are left out of the restored tree. NumPy leaves (host state)
+    come back as NumPy arrays of their own dtype, float64 included.
 
     Raises:
       CheckpointError: naming the directory and what differs, when the saved tree does not
         match the template (a different model size, rank or target set).
     """
+    template = self._saved_part(step, template)
     self._check_shapes(step, template)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(
+        lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x),
+        template)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                               host=ocp.args.JsonRestore())
     try:
@@ -88,16 +102,7 @@ class RunCheckpointer:
         logging.warning("%s Trying the previous checkpoint.", e)
         unreadable[step] = e
         continue
-      for bad in unreadable:
-        path = os.path.join(self.directory, str(bad))
-        kept, n = path + ".unreadable", 1
-        while os.path.exists(kept):
-          kept, n = f"{path}.unreadable-{n}", n + 1
-        os.rename(path, kept)
-        logging.warning("resuming from step %d; the unreadable %s is kept as %s", step, path,
-                        kept)
-      if unreadable:
-        self._manager.reload()
+      self.set_aside(sorted(unreadable), "unreadable")
       return step, state, host
     if unreadable:
       raise CheckpointError(
@@ -106,13 +111,36 @@ class RunCheckpointer:
           f"\nDelete or move {self.directory} to start the run over, or use a new --workdir.")
     return None
 
-  def _check_shapes(self, step: int, template: PyTree) -> None:
-    """Compares the saved tree's leaf paths and shapes with the template's."""
+  def set_aside(self, steps: list[int], reason: str) -> None:
+    """Renames each step directory to `<step>.<reason>` (kept, never deleted), so the resumed
+    run can save those steps again."""
+    for step in steps:
+      path = os.path.join(self.directory, str(step))
+      kept, n = f"{path}.{reason}", 1
+      while os.path.exists(kept):
+        kept, n = f"{path}.{reason}-{n}", n + 1
+      os.rename(path, kept)
+      logging.warning("checkpoint %s is kept as %s (%s)", path, kept, reason)
+    if steps:
+      self._manager.reload()
+
+  def _saved_part(self, step: int, template: PyTree) -> PyTree:
+    """`template` without the optional top-level keys that step `step` did not save."""
+    saved = self._saved_metadata(step)
+    if saved is None or not isinstance(template, dict):
+      return template
+    return {k: v for k, v in template.items() if k in saved or k not in self.optional}
+
+  def _saved_metadata(self, step: int):
     try:
       meta = self._manager.item_metadata(step)
-      saved = meta["state"] if meta is not None else None
+      return meta["state"] if meta is not None else None
     except Exception:  # metadata is optional; restore() reports unreadable checkpoints
-      return
+      return None
+
+  def _check_shapes(self, step: int, template: PyTree) -> None:
+    """Compares the saved tree's leaf paths and shapes with the template's."""
+    saved = self._saved_metadata(step)
     if saved is None:
       return
     want = {jax.tree_util.keystr(p): tuple(x.shape)
@@ -130,3 +158,23 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+  """Holds SIGINT (Ctrl-C) until the block ends, then raises KeyboardInterrupt if one came.
+
+  Outside the main thread (where signal handlers cannot be set) the block runs as it is.
+  """
+  caught = []
+  try:
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+  except ValueError:
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+  if caught:
+    raise KeyboardInterrupt

@@ -29,27 +29,78 @@ def to_python(value: Any) -> Any:
 
 
 def read_rows(path: str) -> list[dict[str, Any]]:
-  """All rows of a metrics.jsonl file ([] when it does not exist).
+  """All readable rows of a metrics.jsonl file ([] when it does not exist).
 
-  A last line without its newline is a row cut off by a crash mid-write; it is skipped (its
-  round has no checkpoint yet, so a resumed run computes it again).
+  A line that is not one JSON object (a row cut off by a crash mid-write, or damaged later) is
+  skipped; `recover_rows` says which rounds that leaves missing.
   """
+  return _read(path)[0]
+
+
+def _read(path: str) -> tuple[list[dict[str, Any]], int]:
+  """(rows, number of damaged lines)."""
   if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+    return [], 0
+  rows, damaged = [], 0
+  with open(path, errors="replace") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        row = None
+      if isinstance(row, dict) and isinstance(row.get("round"), int) and line.endswith("\n"):
+        rows.append(row)
+      else:
+        damaged += 1
+  return rows, damaged
+
+
+def missing_rounds(rows: Iterable[Mapping[str, Any]], done: int, members: int) -> list[int]:
+  """Rounds 1..done for which some member has no row."""
+  have = {(r.get("member", 0), r["round"]) for r in rows}
+  return [t for t in range(1, done + 1)
+          if any((i, t) not in have for i in range(members))]
+
+
+def recover_rows(path: str, done: int, members: int) -> tuple[list[dict[str, Any]], list[int]]:
+  """The rows of rounds 1..done (one per member and round, the last copy of each), and the
+  rounds that have none (damaged, cut off, or deleted).
+
+  Rows of later rounds (run after the checkpoint, before an interruption) are dropped: those
+  rounds run again.
+  """
+  rows, _ = _read(path)
+  latest = {}
+  for row in rows:
+    if row["round"] <= done:
+      latest[(row.get("member", 0), row["round"])] = row
+  kept = [latest[k] for k in sorted(latest, key=lambda k: (k[1], k[0]))]
+  return kept, missing_rounds(kept, done, members)
+
+
+def describe_rounds(rounds: Iterable[int]) -> str:
+  """[1, 2, 3, 7] -> '1-3, 7'."""
+  spans, rounds = [], sorted(rounds)
+  for t in rounds:
+    if spans and t == spans[-1][1] + 1:
+      spans[-1][1] = t
+    else:
+      spans.append([t, t])
+  return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 class MetricsWriter:
-  """Appends one JSON object per round to `path`.
+  """Appends one JSON object per round to `path`, after rewriting it with the rows to keep.
 
-  On resume from a checkpoint after `resume_round` completed rounds, rows of later rounds (run
-  after that checkpoint, before the interruption) are dropped, because those rounds run again.
+  On resume from a checkpoint after `resume_round` completed rounds, `kept` are the rows of
+  rounds up to it (`recover_rows`); later rows are dropped, because those rounds run again.
   """
 
-  def __init__(self, path: str, resume_round: int = 0):
+  def __init__(self, path: str, kept: list[dict[str, Any]] | None = None):
     self.path = path
-    kept = [r for r in read_rows(path) if r.get("round", 0) <= resume_round]
+    kept = list(kept or [])
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)

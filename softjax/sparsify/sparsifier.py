@@ -16,16 +16,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softjax import compressors
-from softjax import payload
-from softjax import soft
+from softjax.config.choices import AGGREGATIONS, ERROR_FEEDBACK_METHODS, METHODS  # noqa: F401  (re-exported)
 from softjax.models import lora as lora_lib
+from softjax.sparsify import baselines, payload, soft
+from softjax.sparsify import masks as masks_lib
 
 PyTree = Any
 
-METHODS = ("dense", "soft", "tlora", "rlora", "slora")
-AGGREGATIONS = ("all", "senders")  # ALGORITHM.md 3: missing components count as zero [choice]
-ERROR_FEEDBACK_METHODS = ("soft", "tlora", "rlora")
+
+
+
+
+
 
 
 class Upload(NamedTuple):
@@ -101,7 +103,7 @@ def _soft(selection: str, score: str, senders_only: bool, error_feedback: bool) 
                  for mask, (_, d_in, d_out) in zip(masks, dims))
     index = sum(payload.index_bits_per_layer(mask.shape[0], _int(jnp.sum(mask)))
                 for mask in masks)
-    pairs, treedef = soft.factor_pairs(sent)
+    pairs, treedef = lora_lib.factor_pairs(sent)
     support = jax.tree.unflatten(treedef, [
         {"A": jnp.broadcast_to(mask[:, None], p["A"].shape),
          "B": jnp.broadcast_to(mask[None, :], p["B"].shape)} for p, mask in zip(pairs, masks)])
@@ -124,13 +126,13 @@ def _elementwise(name: str, senders_only: bool, error_feedback: bool,
     values = index = 0
     dropped = jnp.zeros((), jnp.float32)
     for i, (u, e) in enumerate(zip(leaves, res_leaves)):
-      k = compressors.topk_count(keep_ratio, u.size)
+      k = masks_lib.topk_count(keep_ratio, u.size)
       if name == "tlora":
-        s, r = compressors.tlora_compress(u, e, keep_ratio)
+        s, r = baselines.tlora_compress(u, e, keep_ratio)
         index = index + payload.index_bits_per_layer(u.size, k)
       else:
         # The server regenerates this mask from (seed, round, client, matrix): no index bits.
-        s, r = compressors.rlora_compress(jax.random.fold_in(key, i), u, e, keep_ratio,
+        s, r = baselines.rlora_compress(jax.random.fold_in(key, i), u, e, keep_ratio,
                                           rescale=rescale)
       sent.append(s)
       new_res.append(r)
@@ -153,12 +155,12 @@ def _slora() -> Sparsifier:
 
   def compress(global_lora, local_lora, residual, keep_ratio, key):
     del residual, key
-    pairs, treedef = soft.factor_pairs(local_lora)
+    pairs, treedef = lora_lib.factor_pairs(local_lora)
     sent, values, dropped = [], 0, jnp.zeros((), jnp.float32)
     for p in pairs:
-      m = soft.kept_count(keep_ratio, p["A"].shape[0])
-      U, s, Vt, mask = compressors.svd_topm(p["B"] @ p["A"], m)
-      sent.append({"P": compressors.reconstruct(U, s, Vt, mask)})
+      m = masks_lib.kept_count(keep_ratio, p["A"].shape[0])
+      U, s, Vt, mask = baselines.svd_topm(p["B"] @ p["A"], m)
+      sent.append({"P": baselines.reconstruct(U, s, Vt, mask)})
       d_out, d_in = p["B"].shape[0], p["A"].shape[1]
       values = values + m * (d_in + d_out + 1)
       dropped = dropped + jnp.sum(jnp.square(s) * (1.0 - mask))
@@ -172,8 +174,8 @@ def _slora() -> Sparsifier:
     mean = weighted_sum(sent, weights)
     layers, treedef = jax.tree.flatten(mean, is_leaf=lambda n: isinstance(n, dict) and "P" in n)
     factors = []
-    for layer, old in zip(layers, soft.factor_pairs(global_lora)[0]):
-      B, A = compressors.refactorize(layer["P"], old["A"].shape[0])
+    for layer, old in zip(layers, lora_lib.factor_pairs(global_lora)[0]):
+      B, A = baselines.refactorize(layer["P"], old["A"].shape[0])
       factors.append({"A": A, "B": B})
     return jax.tree.unflatten(treedef, factors)
 
@@ -204,44 +206,3 @@ def make_sparsifier(name: str = "dense", *, selection: str = "per_layer",
   if name == "slora":
     return _slora()
   raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
-
-
-def predicted_upload_bits(name: str, lora_shapes: PyTree, keep_ratio: float, *,
-                          value_bits: int, head_params: int) -> int:
-  """Host-side bits one client uploads with method `name` at keep ratio O, before any training.
-
-  The payload of every method depends only on the shapes and O (for SOFT with per-layer
-  selection; global top-(m L) selection spreads the same number of components unevenly over
-  layers, so its index bits are only approximated here). The TSFA controller prices each
-  candidate O with it before the round; tests check it equals the bits the jitted round reports.
-
-  Args:
-    name: one of METHODS.
-    lora_shapes: the LoRA tree (arrays or ShapeDtypeStructs).
-    keep_ratio: O in (0, 1].
-    value_bits: q.
-    head_params: head values, always sent densely.
-
-  Returns:
-    Bits (ALGORITHM.md 2.5 for factor uploads; section 7 for the element-wise and SVD methods).
-  """
-  pairs, _ = soft.factor_pairs(lora_shapes)
-  values = index = 0
-  for p in pairs:
-    (d_out, rank), d_in = p["B"].shape, p["A"].shape[1]
-    m = int(soft.kept_count(keep_ratio, rank))
-    if name == "dense":
-      values += rank * (d_in + d_out)
-    elif name == "soft":
-      values += m * (d_in + d_out)
-      index += payload.index_bits_per_layer(rank, m)
-    elif name == "slora":
-      values += m * (d_in + d_out + 1)
-    elif name in ("tlora", "rlora"):
-      for size in (d_out * rank, rank * d_in):
-        k = int(compressors.topk_count(keep_ratio, size))
-        values += k
-        index += payload.index_bits_per_layer(size, k) if name == "tlora" else 0
-    else:
-      raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
-  return value_bits * (values + head_params) + index

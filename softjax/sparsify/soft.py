@@ -14,39 +14,22 @@ References: ALGORITHM.md sections 2.1-2.4 (client side) and 3 (diagnostics).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from softjax.models import lora as lora_lib
+from softjax.config.choices import PENALTY_KINDS, SCORE_KINDS, SELECTIONS  # noqa: F401  (re-exported)
+from softjax.models.lora import factor_pairs
+from softjax.sparsify.masks import global_topm_masks, kept_count, topm_mask
 
 PyTree = Any
 
-PENALTY_KINDS = ("offdiag", "identity")
-SCORE_KINDS = ("factors", "update")
-SELECTIONS = ("per_layer", "global")
-
-# Products like O * r are compared with an integer after float32 rounding. Both O and the
-# product carry at most one rounding each (relative 2^-24), so anything within a few float32
-# epsilons (relative) of an integer is that integer: O = 0.5, r = 8 gives exactly 4, while
-# O = 0.3 (stored as 0.30000001) with r = 10 gives 3, not 4.
-_COUNT_REL_TOL = 8.0 * float(np.finfo(np.float32).eps)
 
 
-# ----------------------------------------------------------------------------------------------
-# Tree helpers
-# ----------------------------------------------------------------------------------------------
 
-def factor_pairs(lora_tree: PyTree) -> tuple[list[Mapping[str, jax.Array]], Any]:
-  """The `{"A", "B"}` dicts of a LoRA tree in `jax.tree` order, and the treedef above them."""
-  pairs, treedef = jax.tree.flatten(lora_tree, is_leaf=lora_lib.is_factor_pair)
-  bad = [type(p).__name__ for p in pairs if not lora_lib.is_factor_pair(p)]
-  if bad:
-    raise ValueError(f"LoRA tree has leaves outside {{'A', 'B'}} dicts: {bad[:3]}.")
-  return pairs, treedef
+
+
 
 
 def _gram_cols(x: jax.Array) -> jax.Array:
@@ -64,10 +47,6 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
-
-# ----------------------------------------------------------------------------------------------
-# 2.1 Orthogonality penalty
-# ----------------------------------------------------------------------------------------------
 
 def offdiag_sq(G: jax.Array) -> jax.Array:
   """Squared Frobenius norm of a square matrix without its diagonal.
@@ -137,10 +116,6 @@ def orthogonality_penalty(lora_tree: PyTree, kind: str = "offdiag") -> jax.Array
   return total
 
 
-# ----------------------------------------------------------------------------------------------
-# 2.2 Importance without SVD
-# ----------------------------------------------------------------------------------------------
-
 def component_scores(B: jax.Array, A: jax.Array) -> jax.Array:
   """Norm-product importance of every rank component.
 
@@ -182,73 +157,6 @@ def update_scores(B: jax.Array, A: jax.Array, dB: jax.Array, dA: jax.Array) -> j
   return ndB * nA + nB * ndA
 
 
-# ----------------------------------------------------------------------------------------------
-# 2.3 Sparsification
-# ----------------------------------------------------------------------------------------------
-
-def kept_count(keep_ratio: jax.Array | float, rank: int) -> jax.Array:
-  """Components kept per layer: m = max(1, ceil(O * r)), clipped to r.
-
-  A product O * r that is mathematically an integer gives exactly that integer despite float32
-  rounding (values within a few float32 epsilons, relative, of an integer are snapped to it).
-
-  Args:
-    keep_ratio: O in (0, 1], traced float32 scalar (or a Python float).
-    rank: r (or any item count), static.
-
-  Returns:
-    int32 scalar in [1, rank].
-
-  References: ALGORITHM.md section 2.3.
-  """
-  x = jnp.asarray(keep_ratio, jnp.float32) * jnp.float32(rank)
-  nearest = jnp.round(x)
-  snapped = jnp.abs(x - nearest) <= _COUNT_REL_TOL * jnp.maximum(x, 1.0)
-  count = jnp.where(snapped, nearest, jnp.ceil(x))
-  return jnp.clip(count, 1, rank).astype(jnp.int32)
-
-
-def topm_mask(scores: jax.Array, m: jax.Array | int) -> jax.Array:
-  """Mask with exactly m ones at the highest scores; ties go to the lower index.
-
-  Args:
-    scores: [n] float scores.
-    m: traced int scalar count (values outside [0, n] are clipped by the comparison).
-
-  Returns:
-    float32 [n] with exactly min(max(m, 0), n) ones.
-
-  References: ALGORITHM.md section 2.3.
-  """
-  n = scores.shape[0]
-  # A stable sort of the negated scores puts equal scores in index order; the inverse
-  # permutation is each entry's rank, and comparing ranks with m needs no dynamic shape.
-  order = jnp.argsort(-scores, stable=True)
-  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return (rank < m).astype(jnp.float32)
-
-
-def global_topm_masks(score_list: Sequence[jax.Array], m_total: jax.Array | int
-                      ) -> list[jax.Array]:
-  """Global top-m_total selection across layers (the alternative to per-layer selection).
-
-  Args:
-    score_list: per-layer scores, [r_l] each.
-    m_total: traced int scalar, total components kept over all layers (m * L).
-
-  Returns:
-    Per-layer float32 masks [r_l], with m_total ones in total at the globally best scores
-    (ties go to the earlier layer, then the lower index).
-
-  References: ALGORITHM.md section 2.3 (alternative switch).
-  """
-  if not score_list:
-    return []
-  sizes = [s.shape[0] for s in score_list]
-  mask = topm_mask(jnp.concatenate(list(score_list)), m_total)
-  return list(jnp.split(mask, np.cumsum(sizes)[:-1]))
-
-
 def apply_component_mask(UB: jax.Array, UA: jax.Array, mask: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
   """Keeps column i of UB and row i of UA where mask_i = 1, zeros elsewhere.
@@ -265,10 +173,6 @@ def apply_component_mask(UB: jax.Array, UA: jax.Array, mask: jax.Array
   """
   return UB * mask[None, :], UA * mask[:, None]
 
-
-# ----------------------------------------------------------------------------------------------
-# 2.4 Error feedback
-# ----------------------------------------------------------------------------------------------
 
 def error_feedback_split(U: PyTree, sent: PyTree) -> PyTree:
   """New error-feedback residual U - sent (arrays or matching pytrees).
@@ -392,102 +296,3 @@ def soft_compress(global_lora: PyTree, local_lora: PyTree, residual_lora: PyTree
     dropped = dropped + d
   return (jax.tree.unflatten(treedef, sent), jax.tree.unflatten(treedef, resid), masks,
           dropped)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Diagnostics
-# ----------------------------------------------------------------------------------------------
-
-def covariance_term(Bs: jax.Array, As: jax.Array, p: jax.Array) -> jax.Array:
-  """Covariance error of separate averaging, || sum_k p_k B_k A_k - Bbar Abar ||_F.
-
-  Computed from r x r Gram matrices only; no d_out x d_in matrix is formed.
-
-  Derivation. With weights normalised to sum_k p_k = 1, Bbar = sum_k p_k B_k,
-  Abar = sum_k p_k A_k, and deviations D_k = B_k - Bbar, E_k = A_k - Abar (so that
-  sum_k p_k D_k = 0 and sum_k p_k E_k = 0):
-    sum_k p_k B_k A_k = sum_k p_k (Bbar + D_k)(Abar + E_k)
-                      = Bbar Abar + Bbar (sum_k p_k E_k) + (sum_k p_k D_k) Abar
-                        + sum_k p_k D_k E_k
-                      = Bbar Abar + sum_k p_k D_k E_k.
-  Hence the difference is X = sum_k p_k D_k E_k and
-    ||X||_F^2 = sum_{k,j} p_k p_j tr((D_k E_k)^T D_j E_j)
-              = sum_{k,j} p_k p_j tr((D_k^T D_j) (E_j E_k^T)),
-  a sum over pairs of products of r x r Grams: O(K^2 r^2 (d_in + d_out)) work.
-
-  Args:
-    Bs: [K, d_out, r] client up factors.
-    As: [K, r, d_in] client down factors.
-    p: [K] non-negative aggregation weights (normalised here to sum to 1).
-
-  Returns:
-    float32 scalar >= 0.
-
-  References: ALGORITHM.md section 3.
-  """
-  # Accelerators may run default float32 matmuls at reduced precision; these products are
-  # only r x r (and K x K), so full precision costs nothing that matters.
-  hi = jax.lax.Precision.HIGHEST
-  w = p / jnp.sum(p)
-  D = Bs - jnp.einsum("k,kor->or", w, Bs, precision=hi)
-  E = As - jnp.einsum("k,kri->ri", w, As, precision=hi)
-  GD = jnp.einsum("koi,jol->kjil", D, D, precision=hi)  # [k, j] -> D_k^T D_j
-  GE = jnp.einsum("jlb,kib->jkli", E, E, precision=hi)  # [j, k] -> E_j E_k^T
-  # tr(GD[k, j] @ GE[j, k]) = sum_{i,l} GD[k, j, i, l] GE[j, k, l, i]
-  traces = jnp.einsum("kjil,jkli->kj", GD, GE, precision=hi)
-  sq = jnp.einsum("k,j,kj->", w, w, traces, precision=hi)
-  # The sum is a squared norm; round-off can leave it a hair below zero.
-  return jnp.sqrt(jnp.maximum(sq, 0.0))
-
-
-def covariance_terms(stacked_lora: PyTree, p: jax.Array) -> jax.Array:
-  """`covariance_term` of every layer of a client-stacked LoRA tree.
-
-  Args:
-    stacked_lora: LoRA tree whose leaves carry a leading client axis K.
-    p: [K] aggregation weights.
-
-  Returns:
-    float32 [L], in `jax.tree` layer order.
-
-  References: ALGORITHM.md section 3.
-  """
-  pairs, _ = factor_pairs(stacked_lora)
-  return jnp.stack([covariance_term(q["B"], q["A"], p) for q in pairs]) if pairs else (
-      jnp.zeros((0,), jnp.float32))
-
-
-def orthogonality_residual(B: jax.Array, A: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Relative non-orthogonality of one layer's factors.
-
-  Args:
-    B: [d_out, r].
-    A: [r, d_in].
-
-  Returns:
-    (rB, rA) = (||offdiag(B^T B)||_F / ||B^T B||_F, ||offdiag(A A^T)||_F / ||A A^T||_F),
-    each 0 when its denominator is 0 (e.g. B at its zero initialisation).
-
-  References: ALGORITHM.md section 3.
-  """
-  def ratio(G):
-    return _safe_ratio(jnp.sqrt(offdiag_sq(G)), jnp.sqrt(jnp.sum(jnp.square(G))))
-  return ratio(_gram_cols(B)), ratio(_gram_rows(A))
-
-
-def orthogonality_residuals(lora_tree: PyTree) -> tuple[jax.Array, jax.Array]:
-  """`orthogonality_residual` of every layer.
-
-  Args:
-    lora_tree: LoRA tree.
-
-  Returns:
-    (rB [L], rA [L]) float32, in `jax.tree` layer order.
-
-  References: ALGORITHM.md section 3.
-  """
-  pairs, _ = factor_pairs(lora_tree)
-  if not pairs:
-    return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
-  rs = [orthogonality_residual(q["B"], q["A"]) for q in pairs]
-  return jnp.stack([r[0] for r in rs]), jnp.stack([r[1] for r in rs])

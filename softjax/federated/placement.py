@@ -1,7 +1,7 @@
 """Scaling past one device: a 1-D device mesh, explicit shardings, multi-host feeding.
 
 The mesh has one axis. Without a sweep it is `clients`: the K sampled clients of a round are
-split across the devices (`federated.make_round(mesh=...)` runs them under `jax.shard_map`),
+split across the devices (`place_round` runs the round's client phase under `jax.shard_map`),
 the frozen backbone and the global factors are replicated, the error-feedback residuals of all
 N clients are sharded along N, and aggregation is an ordinary weighted sum over the
 client-sharded uploads, for which the compiler inserts the all-reduce. With a sweep the axis is
@@ -21,15 +21,24 @@ members, `[M, ...]` training examples.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from softjax.data.layout import ClientMajorLayout, gather_rows
+from softjax.federated import round as round_lib
+from softjax.federated import types as fl_types
 
 PyTree = Any
 
+
 CLIENTS = "clients"  # the mesh axis of a run without a sweep
+
+
 MEMBERS = "members"  # the mesh axis of a sweep
 
 
@@ -98,57 +107,6 @@ def place(tree: PyTree, sharding: NamedSharding | PyTree) -> PyTree:
       tree, shardings)
 
 
-def client_owner(num_clients: int, num_processes: int) -> np.ndarray:
-  """The process that feeds client k: contiguous blocks, owner(k) = floor(k P / N). int32 [N]."""
-  return (np.arange(num_clients, dtype=np.int64) * num_processes // num_clients).astype(np.int32)
-
-
-class ClientMajorLayout(NamedTuple):
-  """Where every client's examples sit in the device-resident training set."""
-  rows: np.ndarray  # int64 [M_pad]: source example of each row; -1 = padding (never indexed)
-  table: np.ndarray  # int32 [N, max_n]: client k's rows, padded with 0 (never reached)
-  counts: np.ndarray  # int32 [N]
-  owner: np.ndarray  # int32 [N]: the process that feeds the client
-  block_rows: int  # rows per process block; process p holds rows [p * block, (p + 1) * block)
-
-
-def client_major_layout(clients: Sequence[np.ndarray], num_processes: int = 1,
-                        multiple: int = 1) -> ClientMajorLayout:
-  """Lays the training set out client by client, one equal-size block per process.
-
-  Client k's examples are rows offset_k .. offset_k + n_k - 1 of its owner's block, in the
-  order of its index list, so the example at position j of its table row is clients[k][j] as
-  before: the layout moves examples, never changes which one a client sees where.
-
-  Args:
-    clients: one array of source example indices per client (e.g. from `partition`).
-    num_processes: P, the processes feeding the mesh.
-    multiple: each block is padded to a multiple of this (devices per process), so the rows
-      split evenly over every device.
-  """
-  n = len(clients)
-  owner = client_owner(n, num_processes)
-  counts = np.array([len(c) for c in clients], np.int32)
-  per_process = [int(counts[owner == p].sum()) for p in range(num_processes)]
-  block = max(1, -(-max(per_process) // multiple) * multiple)
-  rows = np.full(num_processes * block, -1, np.int64)
-  table = np.zeros((n, max(1, int(counts.max(initial=0)))), np.int32)
-  fill = np.arange(num_processes) * block  # next free row of each block
-  for k, ix in enumerate(clients):
-    start = fill[owner[k]]
-    rows[start:start + len(ix)] = ix
-    table[k, :len(ix)] = np.arange(start, start + len(ix))
-    fill[owner[k]] += len(ix)
-  return ClientMajorLayout(rows=rows, table=table, counts=counts, owner=owner, block_rows=block)
-
-
-def gather_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-  """array[rows] with zeros where rows is -1 (padding)."""
-  out = array[np.maximum(rows, 0)]
-  out[rows < 0] = 0
-  return out
-
-
 def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | None,
                    shard: bool) -> jax.Array:
   """The training set ([M_pad, ...] in the layout's rows) on the mesh.
@@ -179,3 +137,67 @@ def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:
   """A federated.ServerState on the mesh: `state_shardings`, or for a sweep's stacked [S, ...]
   state every leaf split along the members axis."""
   return place(state, along_axis(mesh) if stacked else state_shardings(state, mesh))
+
+
+def place_round(phases: round_lib.RoundPhases, mesh: Mesh | None, shard_data: bool = False):
+  """The round of `phases` over a 1-D `clients` mesh (None: one device, `round.assemble`).
+
+  round_fn(state, frozen, data, client_ids [K], root_key, hparams) -> (state, metrics [K]):
+  - the K client slots are padded to a multiple of the devices; padding slots repeat the first
+    client, weigh nothing, write nothing back and report zeros, and the metrics keep the K
+    real slots;
+  - the client phase runs under `jax.shard_map`, each device training its share of the slots;
+    the frozen backbone, the data and the global factors are replicated into it, and the
+    aggregation over the client-sharded uploads is left to the compiler (an all-reduce);
+  - shard_data: the training set is sharded over the mesh, and each round gathers the sampled
+    clients' examples to the devices that train them instead of replicating the set.
+
+  Jit the result with `round_out_shardings` so the state keeps its layout between rounds.
+  """
+  if mesh is None:
+    return round_lib.assemble(phases)
+  axis = mesh.axis_names[0]
+
+  def runner(run_clients):
+    def marked(glob, *rest):
+      # The global model enters every device unchanged (replicated); marking it varying over
+      # the clients axis makes each device's gradients its own. Unmarked, the transpose of the
+      # implicit broadcast sums every device's client gradients together (docs/design.md).
+      return run_clients(jax.lax.pcast(glob, axis, to="varying"), *rest)
+
+    shared, split = P(), P(axis)
+    sharded = jax.shard_map(marked, mesh=mesh,
+                            in_specs=(shared, shared, shared, shared, split, split, split, split),
+                            out_specs=split)
+
+    def run(glob, frozen, data, scalars, ids, keys, residuals):
+      if shard_data:
+        # Move each sampled client's examples to the device that trains it (the compiler
+        # inserts the collective), not the whole set.
+        return sharded(glob, frozen, None, scalars, ids, keys, residuals,
+                       round_lib.slot_examples(data, ids))
+      return sharded(glob, frozen, data, scalars, ids, keys, residuals, None)
+    return run
+
+  padded = round_lib.assemble(phases, runner)
+
+  def round_fn(state, frozen, data, client_ids, root_key, hparams):
+    k = client_ids.shape[0]
+    pad = padded_count(k, mesh) - k
+    ids = jnp.concatenate([client_ids, jnp.full((pad,), client_ids[0], client_ids.dtype)])
+    valid = (jnp.arange(k + pad) < k).astype(jnp.float32)
+    if hparams.uplink is not None:
+      hparams = hparams._replace(uplink=jax.tree.map(
+          lambda x: jnp.concatenate([x, jnp.zeros((pad,), x.dtype)]), hparams.uplink))
+    state, metrics = padded(state, frozen, data, ids, root_key, hparams, valid)
+    per_slot = ("client_loss", "client_bits", "client_latency_s")
+    return state, metrics._replace(**{f: getattr(metrics, f)[:k] for f in per_slot})
+
+  return round_fn
+
+
+def round_out_shardings(state: fl_types.ServerState, mesh: Mesh):
+  """out_shardings of a jitted clients-mesh round: the state as `state_shardings`, the metrics
+  replicated (every process reads them). Pinning them keeps the next round's inputs in the
+  same layout, so nothing recompiles."""
+  return state_shardings(state, mesh), replicated(mesh)

@@ -21,20 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softjax import federated
 from softjax.data import batching
+from softjax.federated import types as fl_types
 from softjax.models import lora as lora_lib
 
 PyTree = Any
 
 
-def pilot_batch(data: federated.FederatedData, num_clients: int, batch_size: int):
+def pilot_batch(data: fl_types.FederatedData, num_clients: int, batch_size: int):
   """The first `batch_size` examples of each of the first `num_clients` clients (uint8, int32)."""
   rows = data.table[:num_clients, :batch_size].reshape(-1)
   return data.images[rows], data.labels[rows]
 
 
-def kernel_gradients(apply_fn: federated.ApplyFn, frozen: PyTree, trainable: federated.Trainable,
+def kernel_gradients(apply_fn: fl_types.ApplyFn, frozen: PyTree, trainable: fl_types.Trainable,
                      images: jax.Array, labels: jax.Array) -> list[np.ndarray]:
   """dL/dW of every adapted kernel as a [d_out, d_in] matrix, in `lora_layers` order.
 

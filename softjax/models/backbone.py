@@ -13,15 +13,15 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
-from absl import logging
 
-from softjax import pretraining
 from softjax.data import sources
+from softjax.errors import BackboneError
 from softjax.models import checkpoint as ckpt_lib
 from softjax.models import lora as lora_lib
-from softjax.models import vit
+from softjax.models import pretraining, vit
 
 PyTree = Any
 
@@ -61,12 +61,20 @@ def load_backbone(config: ml_collections.ConfigDict, model: vit.VisionTransforme
   if kind == "random":
     logging.warning("model.backbone=random: the backbone is NOT pretrained (for tests only)")
     return init
-  if kind == "pretrain":
-    path = cache_path(config, dataset.train_images.shape[1:])
-    if not os.path.exists(path):
-      make_pretrained_backbone(config, dataset, pretrain_idx, path)
-    else:
-      print(f"using the cached pretrained backbone {path}", flush=True)
-  else:
-    path = os.path.expanduser(kind)
-  return ckpt_lib.load_pretrained(path, init, reset_head=True)
+  if kind != "pretrain":
+    return ckpt_lib.load_pretrained(os.path.expanduser(kind), init, reset_head=True)
+  path = cache_path(config, dataset.train_images.shape[1:])
+  if not os.path.exists(path):
+    make_pretrained_backbone(config, dataset, pretrain_idx, path)
+    return ckpt_lib.load_pretrained(path, init, reset_head=True)
+  print(f"using the cached pretrained backbone {path}", flush=True)
+  try:
+    return ckpt_lib.load_pretrained(path, init, reset_head=True)
+  except BackboneError as e:
+    # A damaged cache file (a disk that filled up, a copy cut short) is rebuilt, not fatal;
+    # the damaged file is kept beside it for inspection.
+    damaged = path + ".damaged"
+    os.replace(path, damaged)
+    logging.warning("%s; it is kept as %s and the backbone is pretrained again", e, damaged)
+    make_pretrained_backbone(config, dataset, pretrain_idx, path)
+    return ckpt_lib.load_pretrained(path, init, reset_head=True)

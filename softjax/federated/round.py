@@ -1,0 +1,222 @@
+"""The federated round: local LoRA training on every sampled client, then server aggregation.
+
+One call of the jitted round function runs a whole round on the device, in three phases:
+  clients: per client slot, lax.scan over E local steps (batches gathered on the device), then
+           the method's upload (sparsify/sparsifier.py: dense, SOFT, TLoRA, RLoRA, SLoRA) with
+           its error-feedback residual; the slots run through
+           lax.map(..., batch_size=client_parallelism) (1 = sequential in-graph, all = vmap)
+  server:  the method's aggregation; for factor uploads
+           B^{t+1} = B^t + sum_k p_k * sent_k, p_k = n_k / sum_{j in S_t} n_j, leaf by leaf,
+           so B and A are averaged separately (ALGORITHM.md section 3); head: dense FedAvg;
+           residuals written back to the N-client store
+  metrics: bits, latency over the chosen links, loss and the diagnostics
+
+The round does not know where it runs. `make_round` assembles the phases for one device;
+`federated/placement.place_round` assembles the same phases over a device mesh (client slots
+split across devices, padding slots, sharded data) without changing them.
+
+Leading-axis conventions: `[K, ...]` sampled clients, `[C, ...]` client slots (K, or K padded
+to a multiple of the devices), `[N, ...]` all clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from softjax.federated.aggregation import (
+  aggregation_weights,
+  covariance_diagnostic,
+  global_orth_residual,
+)
+from softjax.federated.client import make_client_update
+from softjax.federated.types import (
+  ApplyFn,
+  FederatedData,
+  PyTree,
+  RoundHparams,
+  RoundMetrics,
+  ServerState,
+  Trainable,
+)
+from softjax.sparsify import sparsifier as sparsifiers
+from softjax.wireless import link as link_lib
+
+# run_clients(glob, frozen, data, scalars, ids [C], keys [C], residuals [C] | None,
+#             slot_data [C] | None) -> (uploads [C], head deltas [C], losses [C])
+ClientsFn = Callable[..., tuple]
+# A runner wraps ClientsFn into (glob, frozen, data, scalars, ids, keys, residuals) -> same:
+# where the slots run (one device, or split over a mesh) and where their examples come from.
+ClientsRunner = Callable[[ClientsFn], Callable[..., tuple]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPhases:
+  """The three phases of a round; placement decides where `clients` runs."""
+  clients: ClientsFn
+  server: Callable  # (state, glob, uploads, head_deltas, ids, valid, received, data_counts)
+  metrics: Callable  # (glob, lora, uploads, losses, valid, received, weights, data_counts, link)
+  error_feedback: bool
+
+
+def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
+                client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
+                penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0
+                ) -> RoundPhases:
+  """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
+
+  Args:
+    apply_fn: the model, apply_fn(frozen, trainable, images) -> logits.
+    optimizer: client optimizer name (sgd, momentum, adam).
+    local_steps: E.
+    batch_size: b.
+    client_parallelism: lax.map batch size over the client slots (on each device).
+    sparsifier: the upload method (default: dense).
+    penalty: orthogonality penalty kind (soft.PENALTY_KINDS).
+    value_bits: q, bits per uploaded value.
+    head_params: values in the head, sent densely by every client.
+  """
+  client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
+                                     batch_size=batch_size, penalty=penalty)
+  method = sparsifier or sparsifiers.make_sparsifier("dense")
+
+  def clients(glob, frozen, data, hparams, client_ids, keys, residuals, slot_data):
+    """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses.
+
+    slot_data None: every client reads its batches from the shared `data`. Otherwise it holds
+    each slot's own examples ([C, max_n, ...], a one-row table) and `data` is not read.
+    """
+
+    def one_client(args):
+      client_id, key, residual, own = args
+      source = data if own is None else own
+      local, loss = client_update(glob, frozen, source, client_id if own is None else 0, key,
+                                  hparams)
+      if residual is None:
+        residual = jax.tree.map(jnp.zeros_like, glob.lora)
+      # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
+      # regenerate it, so it costs no index bits.
+      upload = method.compress(glob.lora, local.lora, residual, hparams.keep_ratio,
+                               jax.random.fold_in(key, 1))
+      return upload, optax.tree.sub(local.head, glob.head), loss
+
+    return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
+                       batch_size=client_parallelism)
+
+  def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts):
+    """The next global factors, head and residual store; and the aggregation weights."""
+    # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
+    weights = aggregation_weights(data_counts * received)
+    lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
+    head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
+    residuals = state.residuals
+    if method.error_feedback:
+      # A client whose upload was lost keeps all of U (what it sent, and what it held back).
+      kept = jax.tree.map(lambda r, s: r + _per_client(1.0 - received, s) * s,
+                          uploads.residual, uploads.sent)
+      # Padding slots point past the end, so their write is dropped.
+      write_ids = jnp.where(valid > 0, ids, _num_rows(state))
+      residuals = jax.tree.map(
+          lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
+    new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
+                            residuals=residuals)
+    return new_state, weights
+
+  def metrics(glob, lora, uploads, losses, valid, received, weights, data_counts, link):
+    """RoundMetrics over the C slots (padding slots report zeros)."""
+    bits = value_bits * (uploads.values + head_params) + uploads.index_bits
+    if link is None:
+      latency = jnp.zeros(bits.shape, jnp.float32)
+    else:
+      # The server waits for the uploads that arrive; a lost one does not hold the round
+      # (a where, not a product: a lost upload over a dead link must give 0, not 0 * inf = NaN).
+      latency = jnp.where(received > 0, link_lib.client_latencies_s(
+          bits, link.bandwidth_hz, link.snr_coeff, link.compute_s, xp=jnp), 0.0)
+      bits = (bits * received).astype(bits.dtype)  # delivered bits
+    cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
+           else jnp.zeros((), jnp.float32))
+    # Every sampled client trained, whether or not its upload arrived, so the reported loss
+    # weighs them all by data size (a round whose uploads were all lost still has a loss).
+    train_loss = jnp.dot(aggregation_weights(data_counts * valid), losses)
+    return RoundMetrics(train_loss=train_loss, client_loss=losses, client_bits=bits,
+                        client_latency_s=latency,
+                        dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
+                        orth_residual=global_orth_residual(lora))
+
+  return RoundPhases(clients=clients, server=server, metrics=metrics,
+                     error_feedback=method.error_feedback)
+
+
+def on_one_device(run_clients: ClientsFn):
+  """The default runner: every slot on this device, reading the shared data."""
+  def run(glob, frozen, data, scalars, ids, keys, residuals):
+    return run_clients(glob, frozen, data, scalars, ids, keys, residuals, None)
+  return run
+
+
+def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
+  """round_fn(state, frozen, data, client_ids [C], root_key, hparams, valid [C] | None)
+  -> (state, metrics over the C slots); `valid` is 0 on padding slots (default: all real).
+
+  The result is not jitted, so callers can wrap it (jit with donation, vmap over a sweep
+  axis, ...).
+  """
+  run_clients = runner(phases.clients)
+
+  def round_fn(state: ServerState, frozen: PyTree, data: FederatedData,
+               client_ids: jax.Array, root_key: jax.Array, hparams: RoundHparams,
+               valid: jax.Array | None = None):
+    chex.assert_rank(client_ids, 1)
+    slots = client_ids.shape[0]
+    valid = jnp.ones((slots,), jnp.float32) if valid is None else valid
+    glob = state.trainable
+    round_key = jax.random.fold_in(root_key, state.round)
+    # Keys follow the client id, not its slot in S_t, so a client's data order does not
+    # depend on which other clients were sampled with it.
+    keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+    residuals = (jax.tree.map(lambda r: r[client_ids], state.residuals)
+                 if phases.error_feedback else None)
+    scalars = hparams._replace(uplink=None)  # what a client reads; the links are [C]
+    uploads, head_deltas, losses = run_clients(glob, frozen, data, scalars, client_ids, keys,
+                                               residuals)
+    data_counts = data.counts[client_ids]
+    received = valid if hparams.uplink is None else hparams.uplink.received * valid
+    new_state, weights = phases.server(state, glob, uploads, head_deltas, client_ids, valid,
+                                       received, data_counts)
+    metrics = phases.metrics(glob, new_state.trainable.lora, uploads, losses, valid, received,
+                             weights, data_counts, hparams.uplink)
+    return new_state, metrics
+
+  return round_fn
+
+
+def make_round(apply_fn: ApplyFn, **kwargs):
+  """Builds round_fn(state, frozen, data, client_ids [K], root_key, hparams) -> (state, metrics)
+  on one device; `kwargs` are `make_phases`'s. For a device mesh see `placement.place_round`."""
+  return assemble(make_phases(apply_fn, **kwargs))
+
+
+def slot_examples(data: FederatedData, ids: jax.Array) -> FederatedData:
+  """Each slot's own examples as a one-client data set: [C, max_n, ...] images and labels, a
+  [C, 1, max_n] identity table and [C, 1] counts. Batches drawn from it equal those drawn from
+  `data` for the same client and key."""
+  rows = data.table[ids]
+  width = data.table.shape[1]
+  table = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (ids.shape[0], 1, width))
+  return FederatedData(images=data.images[rows], labels=data.labels[rows], table=table,
+                       counts=data.counts[ids][:, None])
+
+
+def _num_rows(state: ServerState) -> int:
+  """N, the clients the residual store holds (static)."""
+  return jax.tree.leaves(state.residuals)[0].shape[0]
+
+
+def _per_client(values: jax.Array, like: jax.Array) -> jax.Array:
+  """[C] values shaped to broadcast against a [C, ...] array."""
+  return values.reshape(values.shape + (1,) * (like.ndim - 1))

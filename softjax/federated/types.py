@@ -1,0 +1,84 @@
+"""The pytrees of a federated round: what clients train, the server state, the data, the links.
+
+Leading-axis conventions: `[K, ...]` sampled clients, `[N, ...]` all clients, `[S, ...]` sweep
+members.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softjax.models.apply import ApplyFn  # noqa: F401  (the round's model type, re-exported)
+
+PyTree = Any
+
+
+class Trainable(NamedTuple):
+  """What clients train and upload: LoRA factors and the classifier head."""
+  lora: PyTree
+  head: PyTree
+
+
+class ServerState(NamedTuple):
+  """The global model between rounds, and what clients keep between rounds."""
+  trainable: Trainable
+  round: jax.Array  # int32 [], rounds completed
+  residuals: PyTree  # error-feedback residuals, LoRA structure with a leading [N] axis; {} if off
+
+
+class FederatedData(NamedTuple):
+  """Device-resident federated training set with per-client padded index tables."""
+  images: jax.Array  # uint8 [M, H, W, C]
+  labels: jax.Array  # int32 [M]
+  table: jax.Array  # int32 [N, max_n], padded; row k lists client k's examples
+  counts: jax.Array  # int32 [N], valid entries per row
+
+
+class Uplink(NamedTuple):
+  """The sampled clients' links this round, as the controller chose them (ALGORITHM.md 4, 6)."""
+  bandwidth_hz: jax.Array  # float32 [K], FDMA share b_k
+  snr_coeff: jax.Array  # float32 [K], a_k = p beta_k g_k / N0 in Hz
+  compute_s: jax.Array  # float32 [K], local training time c_k
+  received: jax.Array  # float32 [K], 1 = the upload arrives, 0 = lost mid-round (E6 dropouts)
+
+
+class RoundHparams(NamedTuple):
+  """Per-round hyperparameters passed as traced arrays, so new values never recompile."""
+  client_lr: jax.Array  # float32 []
+  zeta: jax.Array  # float32 [], orthogonality penalty weight (ALGORITHM.md 2.1)
+  keep_ratio: jax.Array  # float32 [], O_t in (0, 1] (ALGORITHM.md 2.3)
+  uplink: Uplink | None = None  # None: latency is not simulated (reported as 0)
+
+
+def make_hparams(client_lr: float, zeta: float = 0.0, keep_ratio: float = 1.0,
+                 uplink: tuple | None = None) -> RoundHparams:
+  """RoundHparams from host values; `uplink` is (bandwidth_hz, snr_coeff, compute_s[,
+  received]), each [K] (received defaults to all ones)."""
+  if uplink is not None:
+    uplink = tuple(uplink) + ((np.ones(np.shape(uplink[0])),) if len(uplink) == 3 else ())
+    uplink = Uplink(*(jnp.asarray(x, jnp.float32) for x in uplink))
+  return RoundHparams(client_lr=jnp.float32(client_lr), zeta=jnp.float32(zeta),
+                      keep_ratio=jnp.float32(keep_ratio), uplink=uplink)
+
+
+class RoundMetrics(NamedTuple):
+  train_loss: jax.Array  # float32 [], data-weighted mean over sampled clients (lost uploads too)
+  client_loss: jax.Array  # float32 [K], mean local loss per sampled client
+  client_bits: jax.Array  # int32 [K], uplink bits per sampled client (ALGORITHM.md 2.5)
+  client_latency_s: jax.Array  # float32 [K], c_k + bits_k / R_k(b_k); 0 without an uplink
+  dropped_energy: jax.Array  # float32 [], summed over clients and layers
+  cov_term: jax.Array  # float32 [], sum over layers of ||sum p_k B_k A_k - Bbar Abar||_F
+  orth_residual: jax.Array  # float32 [2], mean over layers for B^T B and A A^T (global factors)
+
+
+def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool
+               ) -> ServerState:
+  """Round 0: the initial global factors and head, zero residuals for all N clients."""
+  residuals = (jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)
+               if error_feedback else {})
+  return ServerState(trainable=Trainable(lora=lora, head=head),
+                     round=jnp.zeros((), jnp.int32), residuals=residuals)

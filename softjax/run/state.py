@@ -1,0 +1,62 @@
+"""The whole run state as one pytree: the device state of the round and the controller's state.
+
+`RunState.server` is what the jitted round takes and returns (global factors, head, round,
+error-feedback residuals of all N clients); `RunState.controller` is the host state of the
+latency controller (virtual queue, solver failures). For a sweep every leaf has a leading
+`[S]` member axis. Orbax saves `to_tree(state)` whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softjax.federated import types as fl_types
+from softjax.tsfa import controller as controller_lib
+
+PyTree = Any
+
+
+class RunState(NamedTuple):
+  server: fl_types.ServerState  # device arrays; [S, ...] for a sweep
+  controller: controller_lib.ControllerState  # host arrays; [S] for a sweep
+
+
+def to_tree(state: RunState) -> dict:
+  """The checkpointed tree; its keys are those of the checkpoints made before the controller
+  state joined it, plus `controller`."""
+  server = state.server
+  return {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
+          "residuals": server.residuals, "controller": state.controller._asdict()}
+
+
+def from_tree(tree: dict) -> RunState:
+  server = fl_types.ServerState(
+      trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
+      residuals=tree.get("residuals", {}))
+  c = tree["controller"]
+  controller = controller_lib.ControllerState(
+      queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
+  return RunState(server, controller)
+
+
+def legacy_controller(host: dict, members: int) -> dict:
+  """The controller subtree of a checkpoint made before it held one: the queues and counters
+  its JSON host record kept (`controllers`, one dict per member), stacked for a sweep."""
+  saved = host.get("controllers") or [{"queue": 0.0, "fallbacks": 0}] * members
+  queue = np.asarray([float(s["queue"]) for s in saved], np.float64)
+  fallbacks = np.asarray([int(s["fallbacks"]) for s in saved], np.int64)
+  return {"queue": queue if members > 1 else queue[0],
+          "fallbacks": fallbacks if members > 1 else fallbacks[0]}
+
+
+def stack_trees(trees, xp=jnp):
+  """Stacks pytrees on a new leading axis (the sweep axis)."""
+  return jax.tree.map(lambda *xs: xp.stack(xs), *trees)
+
+
+def member_slice(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
