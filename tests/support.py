@@ -86,8 +86,9 @@ def make_controller(mode, link=None, fraction=0.6, **kwargs):
   link = link or make_link()
   compute = np.random.default_rng(99).uniform(0.1, 0.3, N)
   tbar = fraction * link_lib.dense_budget_s(bits_at(1.0), link.beta, compute, link.channel, K)
-  return controller_lib.LatencyController(mode, link, compute, seed=0, tbar_s=tbar, rank=RANK,
-                                          bits_at=bits_at, clients_per_round=K, **kwargs)
+  spec = controller_lib.ControllerSpec(mode=mode, seed=0, tbar_s=tbar, rank=RANK,
+                                       clients_per_round=K, **kwargs)
+  return controller_lib.LatencyController(spec, link, compute, bits_at)
 
 
 def make_testing_config():

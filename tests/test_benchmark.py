@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_benchmark_measures_every_section(tmp_path):
   out = str(tmp_path / "bench")
   env = {**os.environ, "SOFTJAX_CACHE_DIR": str(tmp_path / "cache")}

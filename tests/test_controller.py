@@ -190,6 +190,7 @@ def test_round_latency_in_jit_equals_the_host_formula():
   assert round_fn._cache_size() == before
 
 
+@pytest.mark.slow
 def test_pilot_gradient_is_the_full_weight_gradient():
   """With B = 0, dL/dB = s * G A^T for G = dL/dW [d_out, d_in]: the LoRA factor gradient checks
   the full-weight gradient the pilot spectrum is made of."""

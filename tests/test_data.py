@@ -137,6 +137,7 @@ def test_fashion_mnist_missing_data_error(tmp_path, monkeypatch):
   empty = tmp_path / "empty"
   empty.mkdir()
   monkeypatch.setenv(sources.FASHION_MNIST_ENV, str(empty))
+  (tmp_path / "no_tfds").mkdir()  # a data_dir that exists but holds no prepared TFDS data
   with pytest.raises(sources.DatasetNotFoundError, match="apt-get install") as e:
     sources.load_dataset("fashion_mnist", data_dir=str(tmp_path / "no_tfds"))
   assert isinstance(e.value, FileNotFoundError)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from softjax import errors
 from softjax.models import checkpoint as ckpt_lib
 from softjax.run import checkpointing, experiment
 from softjax.run import metrics as metrics_lib
@@ -25,6 +26,7 @@ def uninterrupted(cache_dir, tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_and_checkpoints(uninterrupted, cache_dir):
   workdir, summary = uninterrupted
   rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
@@ -45,6 +47,7 @@ def test_run_writes_config_metrics_and_checkpoints(uninterrupted, cache_dir):
   assert len([f for f in os.listdir(cache_dir) if f.endswith(".npz")]) == 1
 
 
+@pytest.mark.slow
 def test_uplink_bits_follow_the_dense_payload(uninterrupted):
   workdir, _ = uninterrupted
   rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
@@ -54,6 +57,7 @@ def test_uplink_bits_follow_the_dense_payload(uninterrupted):
   assert {r["uplink_bits"] for r in rows} == {3 * per_client}
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, cache_dir, tmp_path):
   full_dir, full = uninterrupted
   workdir = str(tmp_path / "resumed")
@@ -62,7 +66,7 @@ def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, cache_dir, 
     if t == 3:  # the row of round 3 is written, the newest checkpoint is round 2
       raise KeyboardInterrupt
 
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(errors.Interrupted):  # Ctrl-C in the loop: one line, resumable
     experiment.run(make_config(cache_dir), workdir, on_round_end=crash_after_round_3)
   assert len(metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))) == 3
   resumed = experiment.run(make_config(cache_dir), workdir)
@@ -72,6 +76,7 @@ def test_interrupted_run_resumes_to_identical_metrics(uninterrupted, cache_dir, 
   assert resumed["final_accuracy"] == full["final_accuracy"]
 
 
+@pytest.mark.slow
 def test_killed_launcher_resumes_to_identical_metrics(uninterrupted, cache_dir, tmp_path):
   """SIGKILL the real launcher mid-run, start the same command again, compare every row."""
   full_dir, _ = uninterrupted
@@ -109,6 +114,7 @@ def test_resume_with_a_changed_setting_names_it(uninterrupted, cache_dir):
     experiment.run(make_config(cache_dir, **{"fl.client_lr": 0.3}), workdir)
 
 
+@pytest.mark.slow
 def test_more_rounds_extend_a_finished_run(uninterrupted, cache_dir, tmp_path):
   workdir, _ = uninterrupted
   copy = str(tmp_path / "extended")
@@ -132,6 +138,7 @@ def test_missing_backbone_file_is_a_clear_error(cache_dir, tmp_path):
     experiment.run(config, str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_pretrain_launcher_writes_a_loadable_checkpoint(cache_dir, tmp_path):
   out = str(tmp_path / "vit_tiny.npz")
   done = subprocess.run(
@@ -146,6 +153,7 @@ def test_pretrain_launcher_writes_a_loadable_checkpoint(cache_dir, tmp_path):
   assert summary["rounds"] == 1
 
 
+@pytest.mark.slow
 def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "experiments.run", "--config=configs/testing.py",
@@ -156,6 +164,23 @@ def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
       "error: config.fl.clients_per_round = 50 is invalid: must be an integer in [1, 6] "
       "(at most fl.num_clients)")
   assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("spec, line", [
+    ("configs/nothere.py", "error: --config: config file configs/nothere.py does not exist; "
+     "pass a file from configs/, e.g. configs/quickstart.py"),
+    ("configs/testing.py:rounds=x", "error: config argument rounds='x' is invalid: rounds takes "
+     "an int (default 4)"),
+    ("configs/testing.py:roundz=3", "error: config argument 'roundz=3' is unknown: the "
+     "arguments of this config file are rounds"),
+])
+@pytest.mark.slow
+def test_launcher_reports_bad_config_specs_in_one_line(spec, line, tmp_path):
+  done = subprocess.run([sys.executable, "-m", "experiments.run", f"--config={spec}",
+                         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [line]
 
 
 def reproduce(cache_dir, out, experiment_name, *flags):
@@ -169,6 +194,7 @@ def reproduce(cache_dir, out, experiment_name, *flags):
   return out
 
 
+@pytest.mark.slow
 def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e1"), "e1", "--rounds=2")
   records = json.load(open(os.path.join(out, "e1.json")))
@@ -186,6 +212,7 @@ def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
   assert "| soft | 8 | 0.50 |" in open(os.path.join(out, "e1.md")).read()
 
 
+@pytest.mark.slow
 def test_extending_a_cosine_schedule_is_refused(cache_dir, tmp_path):
   workdir = str(tmp_path / "cos")
   experiment.run(make_config(cache_dir, rounds=2, **{"fl.lr_schedule": "cosine"}), workdir)
@@ -204,6 +231,7 @@ def osfa_run(cache_dir, tmp_path_factory):
   return workdir, experiment.run(make_config(cache_dir, **OSFA), workdir)
 
 
+@pytest.mark.slow
 def test_osfa_rows_report_latency_and_the_queue_follows_them(osfa_run):
   workdir, summary = osfa_run
   rows = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
@@ -224,6 +252,7 @@ def test_osfa_rows_report_latency_and_the_queue_follows_them(osfa_run):
   assert summary["round_traces"] == 1  # a new O_t and split every round, one compilation
 
 
+@pytest.mark.slow
 def test_osfa_run_resumes_with_its_queue(osfa_run, cache_dir, tmp_path):
   full_dir, _ = osfa_run
   workdir = str(tmp_path / "osfa_resumed")
@@ -232,7 +261,7 @@ def test_osfa_run_resumes_with_its_queue(osfa_run, cache_dir, tmp_path):
     if t == 3:
       raise KeyboardInterrupt
 
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(errors.Interrupted):  # Ctrl-C in the loop: one line, resumable
     experiment.run(make_config(cache_dir, **OSFA), workdir, on_round_end=crash_after_round_3)
   experiment.run(make_config(cache_dir, **OSFA), workdir)
   want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
@@ -240,6 +269,7 @@ def test_osfa_run_resumes_with_its_queue(osfa_run, cache_dir, tmp_path):
   assert comparable(got) == comparable(want)
 
 
+@pytest.mark.slow
 def test_tsfa_picks_the_rank_offline_with_a_pilot_spectrum(cache_dir, tmp_path):
   config = make_config(cache_dir, rounds=2, **{**OSFA, "controller.name": "tsfa",
                                                "controller.spectrum": "pilot",
@@ -255,6 +285,7 @@ def test_tsfa_picks_the_rank_offline_with_a_pilot_spectrum(cache_dir, tmp_path):
   assert summary["rows"][0]["keep_ratio"] == max(offline["keep_ratio"], 1 / summary["rank"])
 
 
+@pytest.mark.slow
 def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path, monkeypatch):
   def broken(self, bits, snr_coeff, compute_s):
     raise RuntimeError("injected solver failure")
@@ -266,6 +297,7 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
   assert summary["final_accuracy"] is not None
 
 
+@pytest.mark.slow
 def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4")
   records = json.load(open(os.path.join(out, "e2.json")))
@@ -284,6 +316,7 @@ def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
   assert "(rbar)" in open(os.path.join(out, "e2.md")).read()
 
 
+@pytest.mark.slow
 def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e4"), "e4", "--rounds=3", "--target=0.01")
   dense, tsfa_record = json.load(open(os.path.join(out, "e4.json")))
@@ -298,6 +331,7 @@ def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
   assert os.path.getsize(os.path.join(out, "e4_bits.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_e3_driver_reports_covariance_per_partition(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e3"), "e3", "--rounds=2")
   records = json.load(open(os.path.join(out, "e3.json")))
@@ -308,6 +342,7 @@ def test_e3_driver_reports_covariance_per_partition(cache_dir, tmp_path):
   assert os.path.getsize(os.path.join(out, "e3_covariance.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_e5_driver_runs_the_grid_as_one_sweep(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e5"), "e5", "--rounds=2")
   records = json.load(open(os.path.join(out, "e5.json")))
@@ -320,6 +355,7 @@ def test_e5_driver_runs_the_grid_as_one_sweep(cache_dir, tmp_path):
   assert os.path.getsize(os.path.join(out, "e5_grid.png")) > 10_000
 
 
+@pytest.mark.slow
 def test_e6_driver_compares_impairments_with_perfect_csi(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e6"), "e6", "--rounds=3")
   records = json.load(open(os.path.join(out, "e6.json")))
@@ -359,6 +395,7 @@ def test_all_gathers_every_experiment_into_one_report(tmp_path, monkeypatch):
   assert open(tmp_path / "report.md").read() == report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tlora", "slora"])
 def test_other_sparsifiers_run_under_the_same_controller(method, cache_dir, tmp_path):
   """The controller prices each method's own payload: the realized latency is the predicted."""

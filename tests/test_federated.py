@@ -62,7 +62,7 @@ def test_two_client_fedavg_matches_hand_computation():
   chex.assert_shape(metrics.client_loss, (2,))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_sequential_and_vmapped_clients_agree(optimizer):
   apply_fn, frozen, state, data = tiny_setup()
   clients = jnp.array([0, 2, 3], jnp.int32)

@@ -59,7 +59,9 @@ def hparams(k, dropped=()):
   return fl_types.make_hparams(0.05, zeta=0.1, keep_ratio=0.5, uplink=uplink)
 
 
-@pytest.mark.parametrize("devices,k", [(2, 4), (4, 4), (4, 3), (2, 3)])
+@pytest.mark.parametrize("devices,k", [
+    pytest.param(2, 4, marks=pytest.mark.slow), pytest.param(4, 4, marks=pytest.mark.slow),
+    pytest.param(4, 3, marks=pytest.mark.slow), (2, 3)])
 def test_sharded_round_equals_unsharded_round(devices, k):
   """K divisible by the devices or not (3 clients on 2 or 4 devices: padded slots)."""
   apply_fn, frozen, state, data = soft_setup()
@@ -94,6 +96,7 @@ def test_sharded_outputs_carry_the_expected_shardings():
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}
 
 
+@pytest.mark.slow
 def test_sharded_training_set_gives_the_same_round():
   """mesh.shard_data: the examples split over the devices, each client's gathered to it."""
   apply_fn, frozen, state, data = soft_setup()
@@ -157,6 +160,7 @@ def test_client_major_layout_puts_each_process_clients_in_its_block():
     assert (row // layout.block_rows == block).all()
 
 
+@pytest.mark.slow
 def test_layout_keeps_every_batch_a_client_sees():
   """The round on client-major data equals the round on the original layout, bit for bit."""
   apply_fn, frozen, state, data = soft_setup()
@@ -212,6 +216,7 @@ def assert_rows_close(got, want):
         np.testing.assert_allclose(g[field], w[field], rtol=1e-4, atol=1e-6, err_msg=field)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"mesh.devices": 2},
                                        {"mesh.devices": 0, "mesh.shard_data": True}],
                          ids=["2_devices", "all_devices_sharded_data"])
@@ -225,6 +230,7 @@ def test_sharded_run_equals_unsharded_run(cache_dir, tmp_path, overrides):
   assert_rows_close(got["rows"], want["rows"])
 
 
+@pytest.mark.slow
 def test_sharded_sweep_splits_members_over_devices(cache_dir, tmp_path):
   from softjax.run import experiment
 
@@ -259,6 +265,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_run_feeds_own_clients_and_equals_one_process(cache_dir, tmp_path):
   """Two launcher processes with 2 CPU devices each (gloo collectives over loopback), joined by
   jax.distributed, the training set split by client blocks: the rows equal a one-device run."""

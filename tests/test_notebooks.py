@@ -13,6 +13,7 @@ from tests.support import REPO
     ("quickstart", {"SOFTJAX_NOTEBOOK_CONFIG": "configs/tsfa.py:scale=test,rounds=2"}),
     ("sweep", {"SOFTJAX_NOTEBOOK_SCALE": "test", "SOFTJAX_NOTEBOOK_ROUNDS": "2"}),
 ])
+@pytest.mark.slow
 def test_notebook_executes(name, env, cache_dir, tmp_path, monkeypatch):
   for key, value in {**env, "SOFTJAX_NOTEBOOK_WORKDIR": str(tmp_path / "work"),
                      "SOFTJAX_CACHE_DIR": cache_dir, "JAX_PLATFORMS": "cpu"}.items():

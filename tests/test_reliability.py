@@ -167,6 +167,7 @@ def test_damaged_dataset_stops_the_launcher_in_one_line(cache_dir, tmp_path, mon
 # ------------------------------------------------- 3. a checkpoint of another model or target set
 
 
+@pytest.mark.slow
 def test_resume_with_other_lora_targets_lists_the_arrays(reference, cache_dir):
   workdir, _ = reference
   config = make_config(cache_dir, **{"lora.targets": "query,key,value"})
@@ -180,6 +181,7 @@ def test_resume_with_other_lora_targets_lists_the_arrays(reference, cache_dir):
   assert steps_in(workdir) == [4, 6]  # the refused checkpoints are left as they were
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_size_lists_the_shapes(reference, cache_dir):
   workdir, _ = reference
   config = make_config(cache_dir, **{"model.variant": "cpu_small", "model.backbone": "random"})
@@ -197,6 +199,7 @@ def test_resume_with_another_model_size_lists_the_shapes(reference, cache_dir):
 # ------------------------------------------------------ 4. half-written and damaged checkpoints
 
 
+@pytest.mark.slow
 def test_half_written_save_is_ignored(reference, cache_dir, tmp_path, capsys):
   """Killed inside the save of step 6: orbax's tmp dir holds part of it, and is never read."""
   workdir = copy_of(reference[0], tmp_path)
@@ -210,6 +213,7 @@ def test_half_written_save_is_ignored(reference, cache_dir, tmp_path, capsys):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
 
+@pytest.mark.slow
 def test_row_cut_off_mid_write_is_recomputed(reference, cache_dir, tmp_path):
   """Killed while writing the row of round 6 (before its save): the cut line is dropped."""
   workdir = copy_of(reference[0], tmp_path)
@@ -272,6 +276,7 @@ def test_unreadable_step_falls_back_to_the_previous(kind, tmp_path, caplog):
   ckpt.close()
 
 
+@pytest.mark.slow
 @ORBAX_NOISE
 def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(reference, cache_dir, tmp_path,
                                                                  caplog, capsys):
@@ -336,6 +341,7 @@ def diverge_in_round_3(monkeypatch):
                       lambda t, *args: math.inf if t == 2 else original(t, *args))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_the_good_checkpoints_resume(reference, cache_dir, tmp_path,
                                                                 monkeypatch):
   workdir = str(tmp_path / "nan")
@@ -353,6 +359,7 @@ def test_nan_loss_stops_the_run_and_the_good_checkpoints_resume(reference, cache
   assert summary["final_accuracy"] == reference[1]["final_accuracy"]
 
 
+@pytest.mark.slow
 def test_nan_state_with_a_finite_loss_is_not_checkpointed(cache_dir, tmp_path, monkeypatch):
   """With one local step the loss of round 3 is taken before its (infinite) update: finite. The
   state after it is not, and must not replace a good checkpoint."""
@@ -452,6 +459,7 @@ def test_garbage_from_both_solvers_ends_on_the_equal_split(monkeypatch):
 # ------------------------------------------------------------- 8. deep fades and a dead link
 
 
+@pytest.mark.slow
 def test_deep_fades_and_a_dead_link_give_valid_plans_and_no_nan(cache_dir, tmp_path,
                                                                  monkeypatch, caplog):
   """Round 2: every gain 1e-30 (a ~300 dB fade). Round 3: every gain 0 and the first sampled
@@ -474,8 +482,12 @@ def test_deep_fades_and_a_dead_link_give_valid_plans_and_no_nan(cache_dir, tmp_p
   plan = controller_lib.LatencyController.plan
   monkeypatch.setattr(link_lib.Link, "gains", faded)
   monkeypatch.setattr(channel_lib, "dropouts", lost)
-  monkeypatch.setattr(controller_lib.LatencyController, "plan",
-                      lambda self, *a: plans.append(plan(self, *a)) or plans[-1])
+  def recorded(self, *args):
+    decision = plan(self, *args)
+    plans.append(decision[0])
+    return decision
+
+  monkeypatch.setattr(controller_lib.LatencyController, "plan", recorded)
   with caplog.at_level(logging.WARNING):
     summary = experiment.run(make_config(cache_dir, rounds=4, **OSFA), str(tmp_path / "fades"))
   rows = summary["rows"]
@@ -575,6 +587,7 @@ def final_accuracy(stdout):
   return re.search(r"final test accuracy (\S+) \|", stdout).group(1)
 
 
+@pytest.mark.slow
 def test_kill_campaign_resumes_to_identical_metrics(cache_dir, tmp_path):
   """SIGKILL the launcher 4 times (twice at a seeded point after a new row, twice inside a
   checkpoint save), resume each time with the same command: the rows and the final accuracy
@@ -641,6 +654,7 @@ def test_kill_campaign_resumes_to_identical_metrics(cache_dir, tmp_path):
 # ------------------------------------------------------------------------- 11. determinism
 
 
+@pytest.mark.slow
 def test_same_seed_same_rows_other_seed_other_losses(reference, cache_dir, tmp_path):
   again = experiment.run(make_config(cache_dir), str(tmp_path / "again"))
   assert comparable(again["rows"]) == comparable(reference[1]["rows"])
@@ -685,6 +699,7 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
 # ------------------------------------------------------------------------------- 13. Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_loop_is_one_line_and_the_run_resumes(reference, cache_dir, tmp_path):
   def interrupt(t):
     if t == 3:
@@ -747,6 +762,7 @@ METRICS_DAMAGE = {  # round -> what is left of its line
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", METRICS_DAMAGE)
 def test_missing_metrics_rows_are_recomputed_from_an_earlier_checkpoint(
     damage, reference, cache_dir, tmp_path, caplog):
@@ -761,6 +777,7 @@ def test_missing_metrics_rows_are_recomputed_from_an_earlier_checkpoint(
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "6.replaced"))  # the old one kept
 
 
+@pytest.mark.slow
 def test_metrics_rows_no_checkpoint_can_recompute_are_named(reference, cache_dir, tmp_path,
                                                              caplog, capsys):
   workdir = copy_of(reference[0], tmp_path)
@@ -773,6 +790,7 @@ def test_metrics_rows_no_checkpoint_can_recompute_are_named(reference, cache_dir
   assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0])[2:])
 
 
+@pytest.mark.slow
 def test_a_deleted_metrics_file_is_reported_and_the_summary_does_not_crash(
     reference, cache_dir, tmp_path, capsys):
   workdir = copy_of(reference[0], tmp_path)
@@ -786,6 +804,7 @@ def test_a_deleted_metrics_file_is_reported_and_the_summary_does_not_crash(
 # ---------------------------------------------------------- 15. a damaged cached backbone
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_backbone_is_rebuilt(cache_dir, tmp_path, caplog):
   own_cache = str(tmp_path / "cache")
   experiment.run(make_config(own_cache, rounds=1), str(tmp_path / "first"))
@@ -818,6 +837,7 @@ def test_a_data_dir_that_does_not_exist_is_an_error(cache_dir, tmp_path):
     experiment.run(make_config(cache_dir, **{"data.data_dir": missing}), str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_a_budget_local_training_alone_exceeds(cache_dir, tmp_path, caplog):
   tiny = {"wireless.budget_s": 1e-9}
   with pytest.raises(config_lib.ConfigError,
@@ -831,6 +851,7 @@ def test_a_budget_local_training_alone_exceeds(cache_dir, tmp_path, caplog):
 # --------------------------------------- 17. a checkpoint made before the controller state moved
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_queue_in_its_host_record_resumes(cache_dir, tmp_path):
   """Checkpoints made before this change kept the queue in the JSON host record
   (`controllers`), not in the state tree; they resume to the rows of an uninterrupted run."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from softjax import config as config_lib
+from softjax import errors
 from softjax.config import sweep
 from softjax.run import experiment
 from softjax.run import metrics as metrics_lib
@@ -55,6 +56,7 @@ def _numbers(row):
           k not in metrics_lib.TIMING_FIELDS and k != "member" and not k.startswith("sweep.")}
 
 
+@pytest.mark.slow
 def test_each_member_equals_its_setting_run_alone(swept, cache_dir, tmp_path):
   _, summary = swept
   assert summary["round_traces"] == 1  # three settings, one compilation
@@ -77,6 +79,7 @@ def test_each_member_equals_its_setting_run_alone(swept, cache_dir, tmp_path):
       assert got["kept_components"] == want["kept_components"]
 
 
+@pytest.mark.slow
 def test_sweep_rows_carry_the_settings_and_resume(swept, cache_dir, tmp_path):
   full_dir, _ = swept
   want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))
@@ -89,7 +92,7 @@ def test_sweep_rows_carry_the_settings_and_resume(swept, cache_dir, tmp_path):
       raise KeyboardInterrupt
 
   config = make_config(cache_dir, rounds=ROUNDS, **SWEEP)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(errors.Interrupted):  # Ctrl-C in the loop: one line, resumable
     experiment.run(config, workdir, on_round_end=crash_after_round_3)
   experiment.run(config, workdir)
   assert comparable(metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))) == \

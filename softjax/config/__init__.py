@@ -11,12 +11,19 @@ from softjax.config.checks import (
     validate_against_model,
     validate_mesh_devices,
 )
-from softjax.config.defaults import RESUMABLE_FIELDS, base_config, lora_targets, partition_seed
+from softjax.config.defaults import (
+  RESUMABLE_FIELDS,
+  base_config,
+  lora_targets,
+  metrics_writers,
+  partition_seed,
+)
 from softjax.config.files import flat_items, load, parse_arg, resume_conflicts
 from softjax.errors import ConfigError, ConfigFileError
 
 __all__ = [
     "ConfigError", "ConfigFileError", "RESUMABLE_FIELDS", "base_config", "flat_items",
-    "load", "lora_targets", "parse_arg", "partition_seed", "rank_candidates", "resume_conflicts",
+    "load", "lora_targets", "metrics_writers", "parse_arg", "partition_seed", "rank_candidates",
+    "resume_conflicts",
     "validate", "validate_against_data", "validate_against_model", "validate_mesh_devices",
 ]

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from softjax.config import choices, sweep
-from softjax.config.defaults import lora_targets
+from softjax.config.defaults import lora_targets, metrics_writers
 from softjax.errors import ConfigError
 
 
@@ -79,6 +79,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int("eval.batch_size", config.eval.batch_size, 1)
   _check_int("checkpoint.every", config.checkpoint.every, 1)
   _check_int("checkpoint.keep", config.checkpoint.keep, 1)
+  for writer in metrics_writers(config):
+    _check_choice("metrics.writers", writer, choices.METRICS_WRITERS)
+  _check(isinstance(config.metrics.wandb_project, str) and config.metrics.wandb_project,
+         "metrics.wandb_project", config.metrics.wandb_project, "must be a project name")
   _validate_sweep(config)
 
 

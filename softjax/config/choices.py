@@ -31,3 +31,5 @@ SOLVERS = ("cvx", "numpy")  # where the solver fallback chain starts
 SPECTRA = ("power_law", "pilot")
 
 SWEEP_MODES = ("grid", "zip")
+
+METRICS_WRITERS = ("tensorboard", "wandb")  # besides metrics.jsonl, which is always written

@@ -12,7 +12,8 @@ import ml_collections
 # Fields that may differ between a checkpointed run and the command that resumes it: they change
 # how long the run goes or what it logs, never the computation of a round that already ran.
 RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "checkpoint.every", "checkpoint.keep",
-                    "model.cache_dir", "mesh.coordinator_address", "mesh.process_id")
+                    "model.cache_dir", "mesh.coordinator_address", "mesh.process_id",
+                    "metrics.writers", "metrics.wandb_project")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -148,6 +149,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 5  # save the whole run state every n rounds and after the last
   c.checkpoint.keep = 2  # keep the newest n checkpoints
+
+  # Where the rows go besides metrics.jsonl, the record of truth (softjax/run/writers.py).
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.writers = ""  # comma list of tensorboard (tensorboardX, no TensorFlow), wandb
+  c.metrics.wandb_project = "softjax"  # wandb: the project the run is logged to
   return c
 
 
@@ -159,3 +165,8 @@ def partition_seed(config: ml_collections.ConfigDict) -> int:
 def lora_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The adapted projections named by config.lora.targets."""
   return tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+
+
+def metrics_writers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The extra metrics writers named by config.metrics.writers."""
+  return tuple(w.strip() for w in config.metrics.writers.split(",") if w.strip())

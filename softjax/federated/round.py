@@ -108,6 +108,16 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
                        batch_size=client_parallelism)
 
+  return RoundPhases(clients=clients, server=_server_phase(method),
+                     metrics=_metrics_phase(method, value_bits, head_params),
+                     error_feedback=method.error_feedback)
+
+
+
+
+def _server_phase(method: sparsifiers.Sparsifier):
+  """The server phase of `method`: aggregation and the residual store (ALGORITHM.md 2.4, 3)."""
+
   def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts):
     """The next global factors, head and residual store; and the aggregation weights."""
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
@@ -126,6 +136,12 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
                             residuals=residuals)
     return new_state, weights
+
+  return server
+
+
+def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params: int):
+  """The metrics phase: delivered bits (ALGORITHM.md 2.5), latency (4), loss, diagnostics (3)."""
 
   def metrics(glob, lora, uploads, losses, valid, received, weights, data_counts, link):
     """RoundMetrics over the C slots (padding slots report zeros)."""
@@ -148,8 +164,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                         dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
                         orth_residual=global_orth_residual(lora))
 
-  return RoundPhases(clients=clients, server=server, metrics=metrics,
-                     error_feedback=method.error_feedback)
+  return metrics
 
 
 def on_one_device(run_clients: ClientsFn):

@@ -35,6 +35,7 @@ from softjax.run import checkpointing
 from softjax.run import metrics as metrics_lib
 from softjax.run import state as run_state
 from softjax.run import workdir as workdir_lib
+from softjax.run import writers as writers_lib
 from softjax.run.runner import RoundRunner
 from softjax.run.setup import Member, build_setup
 
@@ -156,6 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.prepare_workdir(workdir)
   lock = workdir_lib.WorkdirLock(workdir, jax.process_index())
   try:
+    writers_lib.check_available(config)
     return _run_held(config, workdir, on_round_end)
   finally:
     lock.release()
@@ -169,6 +171,7 @@ class _Loop:
   ckpt: checkpointing.RunCheckpointer
   writer: metrics_lib.MetricsWriter
   cum_bits: list[int]
+  extra_writers: list  # TensorBoard, W&B (run/writers.py): the same rows
 
 
 def _run_held(config: ml_collections.ConfigDict, workdir: str, on_round_end) -> dict[str, Any]:
@@ -198,11 +201,14 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, on_round_end) -> 
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     cum_bits = host.get("cum_uplink_bits", [0] * len(members))
     cum_bits = list(cum_bits) if isinstance(cum_bits, list) else [cum_bits]  # older: one int
-    loop = _Loop(config, runner, ckpt, metrics_lib.MetricsWriter(metrics_path, kept), cum_bits)
+    loop = _Loop(config, runner, ckpt, metrics_lib.MetricsWriter(metrics_path, kept), cum_bits,
+                 writers_lib.make_writers(config, workdir, process))
     try:
       _run_rounds(loop, state, done, on_round_end)
     finally:
       loop.writer.close()
+      for writer in loop.extra_writers:
+        writer.close()
   finally:
     ckpt.close()
   common = {"rounds": config.fl.rounds, "wall_time_s": time.time() - start,
@@ -223,12 +229,16 @@ def _run_rounds(loop: _Loop, state: run_state.RunState, done: int, on_round_end)
           row.update(result)
       for row in rows:
         loop.writer.write(row)
+        for writer in loop.extra_writers:
+          writer.write(row)
       rate = (t + 1 - done) / max(time.time() - loop_start, 1e-9)
       line = metrics_lib.progress_line(rows[0], rounds, rate)
       print(line + (f" | member 1 of {len(rows)}" if loop.runner.swept else ""), flush=True)
       if loop.ckpt.should_save(t + 1, rounds):
         tree = run_state.to_tree(state)
-        _check_finite_state(tree, t + 1, loop.ckpt.directory)
+        # The model and residuals only: the queue is legitimately inf after a dead link.
+        _check_finite_state({k: v for k, v in tree.items() if k != "controller"}, t + 1,
+                            loop.ckpt.directory)
         loop.ckpt.save(t + 1, tree, _host_record(loop.config, loop.cum_bits))
       completed = t + 1
       if on_round_end is not None:

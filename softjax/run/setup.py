@@ -210,12 +210,13 @@ def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_sh
   bits_at = functools.partial(payload.predicted_upload_bits, config.method.name, lora_shapes,
                               value_bits=config.fl.value_bits, head_params=head_params)
   c = config.controller
-  return controller_lib.LatencyController(
-      c.name, plan.link, plan.link.compute_s(config.fl, plan.flops_per_example),
-      seed=config.seed, tbar_s=plan.tbar_s, rank=plan.rank, bits_at=bits_at, V=c.V,
+  spec = controller_lib.ControllerSpec(
+      mode=c.name, seed=config.seed, tbar_s=plan.tbar_s, rank=plan.rank, V=c.V,
       solver=c.solver, fixed_keep_ratio=config.method.keep_ratio,
       first_keep_ratio=plan.offline.keep_ratio if plan.offline else None,
       clients_per_round=config.fl.clients_per_round)
+  return controller_lib.LatencyController(
+      spec, plan.link, plan.link.compute_s(config.fl, plan.flops_per_example), bits_at)
 
 
 def build_shared(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> SharedSetup:

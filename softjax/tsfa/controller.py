@@ -47,6 +47,32 @@ def init_state() -> ControllerState:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControllerSpec:
+  """The settings of a run's controller.
+
+  Attributes:
+    mode: fixed | osfa | tsfa.
+    seed: the run seed (fading is drawn from [seed, stream, round]).
+    tbar_s: the budget Tbar.
+    rank: r.
+    V: Lyapunov weight of Phi in P3.
+    solver: cvx | numpy, where the fallback chain starts.
+    fixed_keep_ratio: O for mode = fixed.
+    first_keep_ratio: tsfa: O_0 from the offline stage, used in round 0.
+    clients_per_round: K (needed to build the CVXPY problem).
+  """
+  mode: str
+  seed: int
+  tbar_s: float
+  rank: int
+  V: float = 1.0
+  solver: str = "cvx"
+  fixed_keep_ratio: float = 1.0
+  first_keep_ratio: float | None = None
+  clients_per_round: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RoundPlan:
   """The controller's decision for one round; the uplink arrays go into the jitted round."""
   keep_ratio: float
@@ -74,41 +100,31 @@ class LatencyController:
   parameters every solve sets anew).
   """
 
-  def __init__(self, mode: str, link: Link, compute_s: np.ndarray, *, seed: int, tbar_s: float,
-               rank: int,
-               bits_at: Callable[[float], int], V: float = 1.0, solver: str = "cvx",
-               fixed_keep_ratio: float = 1.0, first_keep_ratio: float | None = None,
-               clients_per_round: int | None = None):
+  def __init__(self, spec: ControllerSpec, link: Link, compute_s: np.ndarray,
+               bits_at: Callable[[float], int]):
     """
     Args:
-      mode: fixed | osfa | tsfa.
+      spec: the controller's settings.
       link: the run's Link.
       compute_s: [N] compute time of each client at this run's rank.
-      seed: the run seed (fading is drawn from [seed, stream, round]).
-      tbar_s: the budget Tbar.
-      rank: r.
       bits_at: O -> bits one client uploads at keep ratio O (the method's own accounting,
-        `sparsifiers.predicted_upload_bits`); P3 prices m components at O = m / r.
-      V: Lyapunov weight.
-      solver: cvx | numpy, where the fallback chain starts.
-      fixed_keep_ratio: O for mode = fixed.
-      first_keep_ratio: tsfa: O_0 from the offline stage, used in round 0.
-      clients_per_round: K (needed to build the CVXPY problem).
+        `sparsify.payload.predicted_upload_bits`); P3 prices m components at O = m / r.
     """
-    if mode not in MODES:
-      raise ValueError(f"unknown controller {mode!r}")
-    self.mode, self.link, self.seed = mode, link, seed
+    if spec.mode not in MODES:
+      raise ValueError(f"unknown controller {spec.mode!r}")
+    self.spec, self.link = spec, link
+    self.mode, self.seed, self.solver = spec.mode, spec.seed, spec.solver
     self.compute_s = np.asarray(compute_s, np.float64)
-    self.tbar_s, self.rank, self.V, self.solver = float(tbar_s), int(rank), float(V), solver
-    self.fixed_keep_ratio = float(fixed_keep_ratio)
-    self.first_keep_ratio = first_keep_ratio
+    self.tbar_s, self.rank, self.V = float(spec.tbar_s), int(spec.rank), float(spec.V)
+    self.fixed_keep_ratio = float(spec.fixed_keep_ratio)
+    self.first_keep_ratio = spec.first_keep_ratio
     self._bits_at = functools.lru_cache(maxsize=None)(lambda o: float(bits_at(o)))
     self._bits = lambda m: self._bits_at(int(m) / self.rank)
     self._cvx = None
-    if mode != "fixed" and solver == "cvx":
-      if clients_per_round is None:
+    if spec.mode != "fixed" and spec.solver == "cvx":
+      if spec.clients_per_round is None:
         raise ValueError("clients_per_round is needed to build the CVXPY problem")
-      self._cvx = solvers.MinLatencyProblem(clients_per_round, link.channel.bandwidth_hz)
+      self._cvx = solvers.MinLatencyProblem(spec.clients_per_round, link.channel.bandwidth_hz)
 
   def plan(self, state: ControllerState, t: int, clients: np.ndarray,
            scores_per_layer: Sequence[np.ndarray] | None
