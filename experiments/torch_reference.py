@@ -1,6 +1,6 @@
 r"""Benchmark-only reference: one federated LoRA round in eager PyTorch + peft.
 
-This is the baseline the JAX round (`softjax.federated.make_round`) is timed against. It does
+This is the baseline the JAX round (`softjax.federated.round.make_round`) is timed against. It does
 what Flower / OpenFedLLM-style simulations do: a sequential Python loop over the sampled
 clients, each loading the global adapter + head into one shared peft model, taking E eager SGD
 steps and handing back its update; the server then adds the data-size-weighted mean update to

@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.controller.quantile = 0.5  # client quantile at which mbar is evaluated
   c.controller.pilot_batches = 4  # spectrum=pilot: client batches in the pilot gradient
 
-  # Vmapped sweeps (softjax/sweep.py): comma lists; "" = not swept. Every member shares one
+  # Vmapped sweeps (softjax/config/sweep.py): comma lists; "" = not swept. Every member shares one
   # compiled round, the backbone and the data.
   c.sweep = ml_collections.ConfigDict()
   c.sweep.zeta = ""  # method.zeta values
@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sweep.seed = ""  # seed values (the partition keeps data.partition_seed / the base seed)
   c.sweep.mode = "grid"  # grid (product of the lists) | zip (element by element)
 
-  # Scaling past one device (softjax/mesh.py): a 1-D mesh over the `clients` axis (the sampled
+  # Scaling past one device (softjax/federated/placement.py): a 1-D mesh over the `clients` axis (the sampled
   # clients split across devices), or over the sweep's `members` axis for a sweep.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.devices = 1  # devices in the mesh: 1 = no mesh (one device), 0 = every device JAX sees

@@ -3,8 +3,8 @@
   host, once:  data -> disjoint pretrain / federated split -> non-IID partition -> device arrays
                backbone (cached pretraining or a ViT .npz) -> frozen params
                wireless link (placement, devices) -> budget Tbar -> TSFA offline stage -> rank
-               LoRA init at that rank; the latency controller (controller.py)
-               orbax: restore the whole run state (and the virtual queue) from a checkpoint
+               LoRA init at that rank; the latency controller (tsfa/controller.py)
+               orbax: restore the whole run state (run/state.py, the virtual queue in it)
   each round:  host samples S_t -> controller: channel draw, (O_t, b_t) -> device round_fn
                -> realized latency -> queue -> metrics row -> eval / checkpoint
 """
@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         on_round_end: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) a federated experiment; writes config.json, metrics.jsonl, checkpoints.
 
-  A config with a sweep block runs all its settings as one vmapped program (softjax/sweep.py);
+  A config with a sweep block runs all its settings as one vmapped program (config/sweep.py);
   metrics.jsonl then holds one row per member and round, tagged with `member` and the swept
   values.
 

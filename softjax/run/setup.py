@@ -55,7 +55,7 @@ class SharedSetup:
   layer_dims: list[tuple[int, int]]  # (d_in, d_out) of every adapted matrix
   image_shape: tuple[int, int, int]
   pilot_spectrum: Callable[[], np.ndarray]  # the offline stage's pilot option (lazy)
-  mesh: Mesh | None = None  # the device mesh (softjax/mesh.py); None = one device
+  mesh: Mesh | None = None  # the device mesh (federated/placement.py); None = one device
 
 
 @dataclasses.dataclass
@@ -121,7 +121,7 @@ def to_devices(tree, mesh: Mesh | None):
 
 def federated_data(images: np.ndarray, labels: np.ndarray, clients, mesh: Mesh | None,
                    shard: bool) -> fl_types.FederatedData:
-  """The clients' examples on the device(s), laid out client by client (mesh.py).
+  """The clients' examples on the device(s), laid out client by client (data/layout.py).
 
   shard: the rows split over the mesh, each process feeding the block of its own clients.
   """

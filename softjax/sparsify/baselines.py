@@ -2,7 +2,7 @@
 
 All functions are pure and jittable with static shapes. Counts derived from the server's keep
 ratio are traced int32 scalars and selections are 0/1 masks, so a new ratio never recompiles.
-Index-bit accounting lives on the host (`softjax.payload`), not here.
+Index-bit accounting lives on the host (`softjax.sparsify.payload`), not here.
 
 References: ALGORITHM.md section 7.
 """

@@ -154,7 +154,8 @@ class LatencyController:
       keep = self.fixed_keep_ratio
       bits = np.full(len(clients), self._bits_at(keep))
       tau, bandwidth = solvers.equal_split_latency(bits, a, compute, total_bw)
-      decision = online.P3Decision(_kept(keep, self.rank), bandwidth, tau, 0.0, "equal", 0)
+      decision = online.P3Decision(m=_kept(keep, self.rank), bandwidth_hz=bandwidth, tau_s=tau,
+                                   objective=0.0, solver="equal", fallbacks=0)
     elif self.mode == "tsfa" and t == 0:  # O_0 is given; only the split is optimized
       # O_0 = mbar / r may be 0 (nothing fits the budget); a client still sends m = 1.
       keep = _kept(float(self.first_keep_ratio), self.rank) / self.rank

@@ -184,7 +184,8 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
       if not np.isfinite(objective):
         raise SolverFailure("non-finite objective")
       _check_allocation(m, bandwidth, m_candidates, np.size(snr_coeff), total_bw_hz)
-      return P3Decision(m, bandwidth, tau, objective, name, len(errors), tuple(errors))
+      return P3Decision(m=m, bandwidth_hz=bandwidth, tau_s=tau, objective=objective,
+                        solver=name, fallbacks=len(errors), errors=tuple(errors))
     except Exception as e:  # any failure of a stage, whatever its type, moves to the next
       message = f"{name}: {type(e).__name__}: {e}"
       logging.warning("TSFA solver failed, falling back: %s", message)
@@ -226,4 +227,5 @@ def _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, comp
   except Exception:  # the objective is only reported; inf marks it unknown
     objective = math.inf
   logging.warning("TSFA used the equal-bandwidth fallback with m = %d (tau %.4g s)", m, tau)
-  return P3Decision(m, bandwidth, tau, objective, "equal", len(errors), tuple(errors))
+  return P3Decision(m=m, bandwidth_hz=bandwidth, tau_s=tau, objective=objective,
+                    solver="equal", fallbacks=len(errors), errors=tuple(errors))
