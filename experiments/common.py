@@ -1,11 +1,11 @@
 """What every launcher in experiments/ shares."""
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
+from softjax import config as config_lib
 from softjax import errors
 
 
@@ -45,10 +45,7 @@ def run_launcher(main, argv: list[str] | None = None) -> None:
   try:
     spec = _flag_value(argv, "config")
     if spec and (spec.endswith(".py") or ".py:" in spec):
-      path = spec.partition(":")[0]
-      if not os.path.isfile(path):
-        raise errors.ConfigFileError(f"--config: config file {path} does not exist; pass a "
-                                     "file from configs/, e.g. configs/quickstart.py")
+      config_lib.require_config_file(spec.partition(":")[0])
     app.run(main, argv)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

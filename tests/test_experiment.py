@@ -167,7 +167,7 @@ def test_launcher_reports_a_bad_config_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("spec, line", [
-    ("configs/nothere.py", "error: --config: config file configs/nothere.py does not exist; "
+    ("configs/nothere.py", "error: config file configs/nothere.py does not exist; "
      "pass a file from configs/, e.g. configs/quickstart.py"),
     ("configs/testing.py:rounds=x", "error: config argument rounds='x' is invalid: rounds takes "
      "an int (default 4)"),

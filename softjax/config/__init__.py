@@ -18,12 +18,18 @@ from softjax.config.defaults import (
   metrics_writers,
   partition_seed,
 )
-from softjax.config.files import flat_items, load, parse_arg, resume_conflicts
+from softjax.config.files import (
+  flat_items,
+  load,
+  parse_arg,
+  require_config_file,
+  resume_conflicts,
+)
 from softjax.errors import ConfigError, ConfigFileError
 
 __all__ = [
     "ConfigError", "ConfigFileError", "RESUMABLE_FIELDS", "base_config", "flat_items",
     "load", "lora_targets", "metrics_writers", "parse_arg", "partition_seed", "rank_candidates",
-    "resume_conflicts",
+    "require_config_file", "resume_conflicts",
     "validate", "validate_against_data", "validate_against_model", "validate_mesh_devices",
 ]

@@ -24,14 +24,19 @@ def load(spec: str, root: str | None = None) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   full = path if os.path.isabs(path) else os.path.join(root, path)
-  if not os.path.isfile(full):
-    raise ConfigFileError(f"config file {full} does not exist; pass a file from configs/, e.g. "
-                          "configs/quickstart.py")
+  require_config_file(full)
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(full))[0], full)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def require_config_file(path: str) -> None:
+  """Raises ConfigFileError, naming `path`, when it is not a file."""
+  if not os.path.isfile(path):
+    raise ConfigFileError(f"config file {path} does not exist; pass a file from configs/, e.g. "
+                          "configs/quickstart.py")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

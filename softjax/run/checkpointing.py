@@ -70,8 +70,9 @@ class RunCheckpointer:
       CheckpointError: naming the directory and what differs, when the saved tree does not
         match the template (a different model size, rank or target set).
     """
-    template = self._saved_part(step, template)
-    self._check_shapes(step, template)
+    saved = self._saved_metadata(step)
+    template = self._saved_part(saved, template)
+    self._check_shapes(step, saved, template)
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x),
         template)
@@ -124,9 +125,8 @@ class RunCheckpointer:
     if steps:
       self._manager.reload()
 
-  def _saved_part(self, step: int, template: PyTree) -> PyTree:
-    """`template` without the optional top-level keys that step `step` did not save."""
-    saved = self._saved_metadata(step)
+  def _saved_part(self, saved, template: PyTree) -> PyTree:
+    """`template` without the optional top-level keys the saved tree (metadata) lacks."""
     if saved is None or not isinstance(template, dict):
       return template
     return {k: v for k, v in template.items() if k in saved or k not in self.optional}
@@ -138,9 +138,8 @@ class RunCheckpointer:
     except Exception:  # metadata is optional; restore() reports unreadable checkpoints
       return None
 
-  def _check_shapes(self, step: int, template: PyTree) -> None:
-    """Compares the saved tree's leaf paths and shapes with the template's."""
-    saved = self._saved_metadata(step)
+  def _check_shapes(self, step: int, saved, template: PyTree) -> None:
+    """Compares the saved tree's leaf paths and shapes (metadata) with the template's."""
     if saved is None:
       return
     want = {jax.tree_util.keystr(p): tuple(x.shape)
