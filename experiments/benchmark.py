@@ -86,6 +86,25 @@ def _median(xs):
 # The softjax round on synthetic data (random backbone: timing only).
 
 
+def _model(scale: Scale, seed: int):
+  """(ViT config, frozen params, head, LoRA factors, apply_fn) of the benchmark's model."""
+  import jax
+
+  from softjax.models import apply as apply_lib
+  from softjax.models import lora as lora_lib
+  from softjax.models import vit
+
+  vit_config = vit.make_vit_config(scale.variant, image_size=scale.image_size,
+                                   channels=scale.channels, num_classes=scale.num_classes)
+  model = vit.VisionTransformer(vit_config, vit.LoRAConfig(rank=scale.rank, alpha=scale.alpha,
+                                                           targets=("query", "value")))
+  shape = (scale.image_size, scale.image_size, scale.channels)
+  params = lora_lib.init_params(model, jax.random.key(seed), shape)
+  frozen, head = lora_lib.split_head(params)
+  lora = lora_lib.init_lora(model, jax.random.key(seed + 1), shape)
+  return vit_config, frozen, head, lora, apply_lib.make_apply_fn(model)
+
+
 def make_jax_round(scale: Scale, parallelism: int, mesh_devices: int = 1, seed: int = 0):
   """(jitted round with the state donated, args builder, FLOPs per round, XLA step FLOPs)."""
   import jax
@@ -98,18 +117,10 @@ def make_jax_round(scale: Scale, parallelism: int, mesh_devices: int = 1, seed: 
   from softjax.federated import types as fl_types
   from softjax.models import apply as apply_lib
   from softjax.models import lora as lora_lib
-  from softjax.models import vit
   from softjax.run import setup as setup_lib
 
-  vit_config = vit.make_vit_config(scale.variant, image_size=scale.image_size,
-                                   channels=scale.channels, num_classes=scale.num_classes)
-  model = vit.VisionTransformer(vit_config, vit.LoRAConfig(rank=scale.rank, alpha=scale.alpha,
-                                                           targets=("query", "value")))
+  vit_config, frozen, head, lora, apply_fn = _model(scale, seed)
   shape = (scale.image_size, scale.image_size, scale.channels)
-  params = lora_lib.init_params(model, jax.random.key(seed), shape)
-  frozen, head = lora_lib.split_head(params)
-  lora = lora_lib.init_lora(model, jax.random.key(seed + 1), shape)
-  apply_fn = apply_lib.make_apply_fn(model)
   rng = np.random.default_rng(seed)
   n, k = scale.examples_per_client, scale.clients
   images = rng.integers(0, 256, (k * n,) + shape, dtype=np.uint8)

@@ -78,9 +78,9 @@ def measure(k: int, rank: int, instances: int) -> dict:
     decisions = []
 
     def p3(a, c, primary=primary):
+      p3_problem = online.P3Problem(range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn, a, c)
       decisions.append(online.solve_with_fallback(
-          range(1, rank + 1), phi, 1.0, 1.0, 1.0, bits_fn, a, c, total_bw_hz=cfg.bandwidth_hz,
-          cvx_problem=problem, primary=primary))
+          p3_problem, total_bw_hz=cfg.bandwidth_hz, cvx_problem=problem, primary=primary))
 
     record[f"p3_{primary}_s"], _ = _timed(p3, rounds)
     record[f"p3_{primary}_fallbacks"] = sum(d.fallbacks for d in decisions)

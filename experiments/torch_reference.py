@@ -19,6 +19,7 @@ peft's defaults (B = 0), the backbone is random. Nothing here is used by softjax
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 import json
 import statistics
@@ -276,27 +277,48 @@ def make_client_data(clients: int, examples_per_client: int, image_size: int, ch
           for _ in range(clients)]
 
 
-def time_rounds(variant: str = "cpu_small", image_size: int = 28, channels: int = 1,
-                num_classes: int = 10, rank: int = 8, alpha: float = 32.0, clients: int = 5,
-                local_steps: int = 5, batch_size: int = 32, examples_per_client: int = 1500,
-                rounds: int = 3, warmup: int = 1, threads: int | None = None, lr: float = 0.03,
-                targets: tuple[str, ...] = ("query", "value"), seed: int = 0) -> dict:
-  """Times `warmup + rounds` federated rounds; the first `warmup` are not counted.
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """The federated workload timed; defaults are softjax's CPU setting.
 
-  Defaults are softjax's CPU setting (cpu_small on 28x28x1, rank 8, alpha 32, K = 5, E = 5,
-  b = 32, lr 0.03; 1500 examples a client = half of Fashion-MNIST's 60k over 20 clients).
-  Data generation and model building are not timed; each round includes the uint8 -> float
-  conversion of its batches, the loads of the global state and the server step.
+  cpu_small on 28x28x1, rank 8, alpha 32, K = 5, E = 5, b = 32, lr 0.03; 1500 examples a
+  client = half of Fashion-MNIST's 60k over 20 clients.
 
-  Args:
+  Attributes:
     variant, image_size, channels, num_classes, rank, alpha, targets: the model (build_model).
     clients: K, clients per round (each holds `examples_per_client` examples).
     local_steps, batch_size, lr: local training (make_round).
     examples_per_client: n_k.
+    seed: seed of the model init, the data and the batch orders.
+  """
+
+  variant: str = "cpu_small"
+  image_size: int = 28
+  channels: int = 1
+  num_classes: int = 10
+  rank: int = 8
+  alpha: float = 32.0
+  targets: tuple[str, ...] = ("query", "value")
+  clients: int = 5
+  local_steps: int = 5
+  batch_size: int = 32
+  examples_per_client: int = 1500
+  lr: float = 0.03
+  seed: int = 0
+
+
+def time_rounds(setting: Setting = Setting(), rounds: int = 3, warmup: int = 1,
+                threads: int | None = None) -> dict:
+  """Times `warmup + rounds` federated rounds of `setting`; the first `warmup` are not counted.
+
+  Data generation and model building are not timed; each round includes the uint8 -> float
+  conversion of its batches, the loads of the global state and the server step.
+
+  Args:
+    setting: the workload.
     rounds: timed rounds (>= 1).
     warmup: untimed rounds before them.
     threads: `torch.set_num_threads` value; None leaves torch's default.
-    seed: seed of the model init, the data and the batch orders.
 
   Returns:
     {"round_s": median seconds per timed round, "round_s_all": every timed round,
@@ -307,11 +329,15 @@ def time_rounds(variant: str = "cpu_small", image_size: int = 28, channels: int 
     raise ValueError(f"Need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}.")
   if threads is not None:
     torch.set_num_threads(threads)
-  torch.manual_seed(seed)
+  w = setting
+  torch.manual_seed(w.seed)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the GPU variant
-  model = build_model(variant, image_size, channels, num_classes, rank, alpha, targets).to(device)
-  data = make_client_data(clients, examples_per_client, image_size, channels, num_classes, seed)
-  round_fn = make_round(model, local_steps=local_steps, batch_size=batch_size, lr=lr, seed=seed)
+  model = build_model(w.variant, w.image_size, w.channels, w.num_classes, w.rank, w.alpha,
+                      w.targets).to(device)
+  data = make_client_data(w.clients, w.examples_per_client, w.image_size, w.channels,
+                          w.num_classes, w.seed)
+  round_fn = make_round(model, local_steps=w.local_steps, batch_size=w.batch_size, lr=w.lr,
+                        seed=w.seed)
   state = trainable_state(model)
   times, loss = [], float("nan")
   for _ in range(warmup + rounds):
@@ -329,10 +355,8 @@ def time_rounds(variant: str = "cpu_small", image_size: int = 28, channels: int 
       "peft_version": peft.__version__,
       "threads": torch.get_num_threads(),
       "device": str(device),
-      "variant": variant, "image_size": image_size, "channels": channels,
-      "num_classes": num_classes, "rank": rank, "alpha": alpha, "targets": list(targets),
-      "clients": clients, "local_steps": local_steps, "batch_size": batch_size,
-      "examples_per_client": examples_per_client, "lr": lr,
+      **{k: v for k, v in dataclasses.asdict(w).items() if k != "seed"},
+      "targets": list(w.targets),
   }
 
 
@@ -360,12 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", default=None, help="also write the JSON record here")
   args = parser.parse_args(argv)
   targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-  record = time_rounds(variant=args.variant, image_size=args.image_size,
-                       channels=args.channels, num_classes=args.num_classes, rank=args.rank,
-                       alpha=args.alpha, clients=args.clients, local_steps=args.local_steps,
-                       batch_size=args.batch_size, examples_per_client=args.examples_per_client,
-                       rounds=args.rounds, warmup=args.warmup, threads=args.threads, lr=args.lr,
-                       targets=targets, seed=args.seed)
+  fields = {f.name for f in dataclasses.fields(Setting)} - {"targets"}
+  setting = Setting(targets=targets, **{k: v for k, v in vars(args).items() if k in fields})
+  record = time_rounds(setting, rounds=args.rounds, warmup=args.warmup, threads=args.threads)
   text = json.dumps(record, indent=1)
   print(text)
   if args.out:

@@ -65,10 +65,10 @@ def test_osfa_plan_is_the_p3_decision(solver):
   clients = schedule.sample_clients(0, 7, N, K)
   scores = [1.0 / np.arange(1, RANK + 1)] * len(LAYERS)
   plan, _ = ctrl.plan(controller_state(queue=2.0), 7, clients, scores)
-  want = online.solve_with_fallback(range(1, RANK + 1),
-                                  functools.partial(online.phi_from_scores, scores), 1.0, 2.0,
-                                  ctrl.tbar_s, lambda m: bits_at(m / RANK), plan.snr_coeff,
-                                  plan.compute_s, total_bw_hz=1e6, primary="numpy")
+  want = online.solve_with_fallback(
+      online.P3Problem(range(1, RANK + 1), functools.partial(online.phi_from_scores, scores), 1.0,
+                       2.0, ctrl.tbar_s, lambda m: bits_at(m / RANK), plan.snr_coeff,
+                       plan.compute_s), total_bw_hz=1e6, primary="numpy")
   assert plan.m == want.m and plan.keep_ratio == want.m / RANK
   np.testing.assert_allclose(plan.bandwidth_hz, want.bandwidth_hz, rtol=2e-3)
   assert plan.solver == solver and plan.fallbacks == 0
@@ -145,7 +145,7 @@ def test_plan_offline_composes_the_closed_forms():
   tbar = 0.4
   plan = offline.plan_offline([2, 4, 8, 16], tbar_s=tbar, compute_s=compute_at,
                            approx_rates_bps=rates, layer_dims=LAYERS, head_params=HEAD,
-                           value_bits=32, gamma=1.0, lambda_sp=1.0, lambda_cov=0.1)
+                           value_bits=32, weights=offline.RankWeights(1.0, 1.0, 0.1))
   for r in (2, 4, 8, 16):
     assert plan.mbar[r] == offline.affordable_components_quantile(
         tbar, compute_at(r), rates, head_bits=32 * HEAD,

@@ -431,9 +431,9 @@ def test_a_keep_ratio_outside_0_1_from_a_stage_falls_back(bad_m, monkeypatch, ca
   """A stage answering m = 0 (O = 0) or m = r + 1 (O > 1) is a failure, like any garbage."""
   solve_p3 = online.solve_p3
 
-  def lying_p3(*args):
-    m, bandwidth, tau, objective = solve_p3(*args)
-    if isinstance(getattr(args[-1], "__self__", None), solvers.MinLatencyProblem):  # the cvx stage
+  def lying_p3(problem, solver):
+    m, bandwidth, tau, objective = solve_p3(problem, solver)
+    if isinstance(getattr(solver, "__self__", None), solvers.MinLatencyProblem):  # the cvx stage
       return bad_m, bandwidth, tau, objective
     return m, bandwidth, tau, objective
 
@@ -517,18 +517,17 @@ def test_deep_fades_and_a_dead_link_give_valid_plans_and_no_nan(cache_dir, tmp_p
 def test_zero_bandwidth_is_refused_at_every_level():
   a, compute = np.full(K, 1e9), np.full(K, 0.1)
   bits_fn = lambda m: 1e5 * m  # noqa: E731
+  p3 = online.P3Problem(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn, a, compute)
   for total in (0.0, -1.0, math.nan):
     with pytest.raises(ValueError, match=r"total_bw_hz must be a finite number > 0 Hz \(config "
                                          r"wireless.bandwidth_mhz\), got"):
-      online.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn, a,
-                               compute, total_bw_hz=total, primary="numpy")
+      online.solve_with_fallback(p3, total_bw_hz=total, primary="numpy")
   with pytest.raises(ValueError, match="5 clients x b_min 1000.0 Hz exceed the band 0.0 Hz"):
     solvers.MinLatencyProblem(K, 0.0)
   with pytest.raises(solvers.SolverFailure, match="exceed the band 0.0 Hz"):
     solvers.min_latency_numpy(np.full(K, 1e5), a, compute, 0.0)
   # Less band than K x b_min is not an error: the twin fails and the equal split still runs.
-  decision = online.solve_with_fallback(range(1, 5), lambda m: 1 - m / 4, 1.0, 1.0, 0.3, bits_fn,
-                                      a, compute, total_bw_hz=2e3, primary="numpy")
+  decision = online.solve_with_fallback(p3, total_bw_hz=2e3, primary="numpy")
   assert (decision.solver, decision.m) == ("equal", 1)
   np.testing.assert_array_equal(decision.bandwidth_hz, np.full(K, 400.0))
 

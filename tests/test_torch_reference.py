@@ -103,9 +103,9 @@ def test_round_server_step_weights_by_counts(monkeypatch):
 
 
 def test_time_rounds_tiny():
-  record = tr.time_rounds(variant="tiny", image_size=8, channels=1, num_classes=10, rank=4,
-                          alpha=8.0, clients=2, local_steps=2, batch_size=4,
-                          examples_per_client=8, rounds=2, warmup=1)
+  setting = tr.Setting(variant="tiny", image_size=8, channels=1, num_classes=10, rank=4,
+                       alpha=8.0, clients=2, local_steps=2, batch_size=4, examples_per_client=8)
+  record = tr.time_rounds(setting, rounds=2, warmup=1)
   assert record["round_s"] > 0
   assert len(record["round_s_all"]) == 2
   assert record["trainable"] == 682

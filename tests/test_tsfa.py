@@ -204,17 +204,20 @@ def _p3_setup(total_bw_hz, k=5, rank=8):
 def test_p3_dense_when_bandwidth_is_plentiful_sparse_when_scarce():
   tbar, rank = 1.0, 8
   plenty = _p3_setup(1e9)
-  m, b, tau, objective = online.solve_p3(range(1, rank + 1), plenty[3], 1.0, 1.0, tbar, plenty[2],
-                                       plenty[0], plenty[1], plenty[4])
+  m, b, tau, objective = online.solve_p3(
+      online.P3Problem(range(1, rank + 1), plenty[3], 1.0, 1.0, tbar, plenty[2], plenty[0],
+                       plenty[1]), plenty[4])
   assert m == rank and tau < tbar
   assert objective == pytest.approx(1.0 * plenty[3](m) + tau / tbar)
   scarce = _p3_setup(2e4)
-  m, b, tau, _ = online.solve_p3(range(1, rank + 1), scarce[3], 1.0, 1.0, tbar, scarce[2],
-                               scarce[0], scarce[1], scarce[4])
+  m, b, tau, _ = online.solve_p3(
+      online.P3Problem(range(1, rank + 1), scarce[3], 1.0, 1.0, tbar, scarce[2], scarce[0],
+                       scarce[1]), scarce[4])
   assert m == 1 and b.sum() <= 2e4 * (1 + 1e-12)
   # An empty queue ignores latency: the smallest error wins.
-  m, *_ = online.solve_p3(range(1, rank + 1), scarce[3], 1.0, 0.0, tbar, scarce[2], scarce[0],
-                        scarce[1], scarce[4])
+  m, *_ = online.solve_p3(
+      online.P3Problem(range(1, rank + 1), scarce[3], 1.0, 0.0, tbar, scarce[2], scarce[0],
+                       scarce[1]), scarce[4])
   assert m == rank
 
 
@@ -223,10 +226,9 @@ def test_p3_with_cvx_matches_the_twin():
   problem = solvers.MinLatencyProblem(5, 1e6)
   # V = 3, Q = 1, Tbar = 0.3 s: each extra component costs ~0.044 s of latency (0.146 in the
   # objective) and saves 3 * dPhi = 0.49, 0.22, 0.12, ...: the optimum is m = 3.
-  m_np, _, tau_np, obj_np = online.solve_p3(range(1, 9), phi_fn, 3.0, 1.0, 0.3, bits_fn, a,
-                                          compute, solver)
-  m_cvx, _, tau_cvx, obj_cvx = online.solve_p3(range(1, 9), phi_fn, 3.0, 1.0, 0.3, bits_fn, a,
-                                             compute, problem.solve)
+  p3 = online.P3Problem(range(1, 9), phi_fn, 3.0, 1.0, 0.3, bits_fn, a, compute)
+  m_np, _, tau_np, obj_np = online.solve_p3(p3, solver)
+  m_cvx, _, tau_cvx, obj_cvx = online.solve_p3(p3, problem.solve)
   assert m_cvx == m_np == 3
   assert tau_cvx == pytest.approx(tau_np, rel=1e-3)
   assert obj_cvx == pytest.approx(obj_np, rel=1e-3)
@@ -235,21 +237,21 @@ def test_p3_with_cvx_matches_the_twin():
 def test_fallback_chain(monkeypatch):
   a, compute, bits_fn, phi_fn, _ = _p3_setup(1e6)
   problem = solvers.MinLatencyProblem(5, 1e6)
-  args = (range(1, 9), phi_fn, 0.5, 2.0, 0.3, bits_fn, a, compute)
-  ok = online.solve_with_fallback(*args, total_bw_hz=1e6, cvx_problem=problem)
+  p3 = online.P3Problem(range(1, 9), phi_fn, 0.5, 2.0, 0.3, bits_fn, a, compute)
+  ok = online.solve_with_fallback(p3, total_bw_hz=1e6, cvx_problem=problem)
   assert (ok.solver, ok.fallbacks) == ("cvx", 0)
 
   def boom(*unused_args, **unused_kwargs):
     raise RuntimeError("injected failure")
 
   monkeypatch.setattr(problem, "solve", boom)
-  twin = online.solve_with_fallback(*args, total_bw_hz=1e6, cvx_problem=problem)
+  twin = online.solve_with_fallback(p3, total_bw_hz=1e6, cvx_problem=problem)
   assert (twin.solver, twin.fallbacks) == ("numpy", 1)
   assert "injected failure" in twin.errors[0]
   assert twin.m == ok.m and twin.tau_s == pytest.approx(ok.tau_s, rel=1e-3)
 
   monkeypatch.setattr(online, "min_latency_numpy", boom)
-  last = online.solve_with_fallback(*args, total_bw_hz=1e6, cvx_problem=problem)
+  last = online.solve_with_fallback(p3, total_bw_hz=1e6, cvx_problem=problem)
   assert (last.solver, last.fallbacks, last.m) == ("equal", 2, 1)
   np.testing.assert_allclose(last.bandwidth_hz, np.full(5, 2e5))
   assert last.tau_s == pytest.approx(
@@ -261,11 +263,10 @@ def test_fallback_never_raises_on_an_infeasible_round():
   a = a.copy()
   a[0] = 0.0  # no gain at all: no solver can serve this client
   problem = solvers.MinLatencyProblem(5, 1e6)
-  decision = online.solve_with_fallback(range(1, 9), phi_fn, 0.5, 2.0, 0.3, bits_fn, a, compute,
-                                      total_bw_hz=1e6, cvx_problem=problem)
+  p3 = online.P3Problem(range(1, 9), phi_fn, 0.5, 2.0, 0.3, bits_fn, a, compute)
+  decision = online.solve_with_fallback(p3, total_bw_hz=1e6, cvx_problem=problem)
   assert (decision.solver, decision.fallbacks, decision.m) == ("equal", 2, 1)
   assert decision.tau_s == math.inf
   # Starting at the twin skips CVX.
-  decision = online.solve_with_fallback(range(1, 9), phi_fn, 0.5, 2.0, 0.3, bits_fn, a, compute,
-                                      total_bw_hz=1e6, primary="numpy")
+  decision = online.solve_with_fallback(p3, total_bw_hz=1e6, primary="numpy")
   assert (decision.solver, decision.fallbacks) == ("equal", 1)

@@ -203,16 +203,21 @@ def fashion_mnist(data_dir: str | None = None) -> Dataset:
       tfds_error = err
       logging.info("no TFDS fashion_mnist in %s; trying the idx files", data_dir)
 
+  tfds_note = (
+      f" A TFDS data_dir was given ({data_dir}) but holds no prepared"
+      f" fashion_mnist: {tfds_error}" if tfds_error else ""
+  )
   directory = os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_SYSTEM_DIR
+  return _fashion_mnist_idx(directory, tfds_note)
+
+
+def _fashion_mnist_idx(directory: str, tfds_note: str) -> Dataset:
+  """Fashion-MNIST from the four official idx `.gz` files in `directory`."""
   missing = [
       f for f in _FASHION_MNIST_FILES
       if not os.path.isfile(os.path.join(directory, f))
   ]
   if missing:
-    tfds_note = (
-        f" A TFDS data_dir was given ({data_dir}) but holds no prepared"
-        f" fashion_mnist: {tfds_error}" if tfds_error else ""
-    )
     raise DatasetNotFoundError(
         f"Fashion-MNIST idx files not found in {directory} (missing:"
         f" {', '.join(missing)}). Install them with `sudo apt-get install"

@@ -174,8 +174,8 @@ def _offline_stage(config, link, tbar: float, compute_at, layer_dims, head_param
       config_lib.rank_candidates(config), tbar_s=tbar, compute_s=compute_at,
       approx_rates_bps=rates,
       layer_dims=layer_dims, head_params=head_params, value_bits=config.fl.value_bits,
-      quantile=c.quantile, gamma=c.gamma, lambda_sp=c.lambda_sp, lambda_cov=c.lambda_cov,
-      singular_values=singular_values)
+      quantile=c.quantile,
+      weights=offline_lib.RankWeights(c.gamma, c.lambda_sp, c.lambda_cov, singular_values))
   print(f"TSFA offline stage: Tbar {tbar:.4g} s, rank {offline.rank} (J: "
         + ", ".join(f"{r}: {j:.3f}" for r, j in offline.objective.items())
         + f"), O_0 {offline.keep_ratio:.3f}", flush=True)

@@ -148,29 +148,26 @@ class LatencyController:
     a = channel_lib.snr_coefficient_hz(beta, seen[clients], self.link.channel)  # what P3 sees
     received = ~channel_lib.dropouts(len(self.link.beta), self.link.dropout, self.seed, t)[clients]
     compute = self.compute_s[clients]
-    total_bw = self.link.channel.bandwidth_hz
     tick = time.perf_counter()
     if self.mode == "fixed":
       keep = self.fixed_keep_ratio
       bits = np.full(len(clients), self._bits_at(keep))
-      tau, bandwidth = solvers.equal_split_latency(bits, a, compute, total_bw)
+      tau, bandwidth = solvers.equal_split_latency(bits, a, compute,
+                                                   self.link.channel.bandwidth_hz)
       decision = online.P3Decision(m=_kept(keep, self.rank), bandwidth_hz=bandwidth, tau_s=tau,
                                    objective=0.0, solver="equal", fallbacks=0)
     elif self.mode == "tsfa" and t == 0:  # O_0 is given; only the split is optimized
       # O_0 = mbar / r may be 0 (nothing fits the budget); a client still sends m = 1.
       keep = _kept(float(self.first_keep_ratio), self.rank) / self.rank
-      decision = online.solve_with_fallback([_kept(keep, self.rank)], lambda _: 0.0, 0.0, 0.0,
-                                          self.tbar_s, self._bits, a, compute,
-                                          total_bw_hz=total_bw, cvx_problem=self._cvx,
-                                          primary=self.solver)
+      problem = online.P3Problem([_kept(keep, self.rank)], lambda _: 0.0, 0.0, 0.0, self.tbar_s,
+                                 self._bits, a, compute)
+      decision = self._solve(problem)
     else:
       layers = scores_per_layer if scores_per_layer is not None else [np.zeros(self.rank)]
       phi = functools.partial(online.phi_from_scores, layers)
-      decision = online.solve_with_fallback(range(1, self.rank + 1), phi, self.V,
-                                            float(state.queue),
-                                          self.tbar_s, self._bits, a, compute,
-                                          total_bw_hz=total_bw, cvx_problem=self._cvx,
-                                          primary=self.solver)
+      problem = online.P3Problem(range(1, self.rank + 1), phi, self.V, float(state.queue),
+                                 self.tbar_s, self._bits, a, compute)
+      decision = self._solve(problem)
       keep = decision.m / self.rank
     elapsed = time.perf_counter() - tick
     plan = RoundPlan(keep_ratio=keep, m=decision.m, bandwidth_hz=decision.bandwidth_hz,
@@ -179,6 +176,11 @@ class LatencyController:
                      solver=decision.solver, solver_time_s=elapsed,
                      fallbacks=decision.fallbacks)
     return plan, state._replace(fallbacks=state.fallbacks + decision.fallbacks)
+
+  def _solve(self, problem: online.P3Problem) -> online.P3Decision:
+    """P3 through the fallback chain, starting at the configured solver."""
+    return online.solve_with_fallback(problem, total_bw_hz=self.link.channel.bandwidth_hz,
+                                      cvx_problem=self._cvx, primary=self.solver)
 
   def observe(self, state: ControllerState, latency_s: float) -> ControllerState:
     """Feeds the realized round latency tau_t to the queue: the state with Q_{t+1}."""

@@ -217,6 +217,23 @@ def select_rank(candidates: Sequence[int], mbar: int | Callable[[int], int], gam
 
 
 @dataclasses.dataclass(frozen=True)
+class RankWeights:
+  """The weights of J(r) (ALGORITHM.md section 5, step 4), as `select_rank` takes them.
+
+  Attributes:
+    gamma: power-law exponent of the assumed spectrum (unused with singular_values).
+    lambda_sp: weight of the sparsification error.
+    lambda_cov: weight of the covariance cost.
+    singular_values: optional measured spectrum (the pilot-gradient option).
+  """
+
+  gamma: float = 1.0
+  lambda_sp: float = 1.0
+  lambda_cov: float = 0.1
+  singular_values: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class OfflinePlan:
   """What the offline stage broadcasts before round 0, and how it got there.
 
@@ -235,8 +252,7 @@ class OfflinePlan:
 
 def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_rates_bps,
                  layer_dims: Sequence[tuple[int, int]], head_params: int, value_bits: int,
-                 quantile: float = 0.5, gamma: float = 1.0, lambda_sp: float = 1.0,
-                 lambda_cov: float = 0.1, singular_values=None) -> OfflinePlan:
+                 quantile: float = 0.5, weights: RankWeights = RankWeights()) -> OfflinePlan:
   """Stage 1 end to end: mbar(r) at the client quantile, rbar = argmin J(r), O_0(rbar).
 
   Args:
@@ -248,8 +264,8 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
     layer_dims: (d_in, d_out) of every adapted matrix.
     head_params: head values (sent densely).
     value_bits: q.
-    quantile, gamma, lambda_sp, lambda_cov, singular_values: as in
-      `affordable_components_quantile` and `select_rank`.
+    quantile: as in `affordable_components_quantile`.
+    weights: J(r)'s weights, as in `select_rank`.
 
   Returns:
     An OfflinePlan.
@@ -263,6 +279,6 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
       tbar_s, compute_of(int(r)), approx_rates_bps, head_bits=value_bits * head_params,
       index_bits=worst_case_index_bits(len(dims), int(r)), value_bits=value_bits,
       sum_dims=sum_dims, quantile=quantile) for r in candidates}
-  rbar, objective = select_rank(list(mbar), mbar.__getitem__, gamma, lambda_sp, lambda_cov,
-                                singular_values=singular_values)
+  rbar, objective = select_rank(list(mbar), mbar.__getitem__, weights.gamma, weights.lambda_sp,
+                                weights.lambda_cov, singular_values=weights.singular_values)
   return OfflinePlan(rbar, initial_keep_ratio(mbar[rbar], rbar), mbar, objective)

@@ -62,16 +62,11 @@ def phi_from_scores(scores_per_layer: Sequence[np.ndarray], m: int) -> float:
   return dropped / total
 
 
-def solve_p3(m_candidates: Sequence[int], phi_fn: Callable[[int], float], V: float, Q: float,
-             tbar_s: float, bits_fn: Callable[[int], object], snr_coeff, compute_s,
-             solver: Callable) -> tuple[int, np.ndarray, float, float]:
-  """Per-round drift-plus-penalty problem P3 by enumeration over m.
+@dataclasses.dataclass(frozen=True)
+class P3Problem:
+  """One round's instance of P3 (ALGORITHM.md section 6): everything but the solver.
 
-  `min_m V * Phi(m) + Q * tau(m) / Tbar`, tau(m) the minimum latency of payload bits_fn(m).
-  Enumeration is exact. When Q = 0 the latency drops out of the objective, so only the m with
-  the smallest Phi is solved for (the smallest such m: equal error, less latency).
-
-  Args:
+  Attributes:
     m_candidates: kept-component counts to try (1..r).
     phi_fn: m -> predicted sparsification error Phi(m).
     V: Lyapunov weight of the error.
@@ -80,6 +75,31 @@ def solve_p3(m_candidates: Sequence[int], phi_fn: Callable[[int], float], V: flo
     bits_fn: m -> bits per client (scalar or [K]).
     snr_coeff: [K] a_k in Hz.
     compute_s: [K] compute times.
+  """
+
+  m_candidates: Sequence[int]
+  phi_fn: Callable[[int], float]
+  V: float
+  Q: float
+  tbar_s: float
+  bits_fn: Callable[[int], object]
+  snr_coeff: np.ndarray
+  compute_s: np.ndarray
+
+  def objective(self, phi: float, tau_s: float) -> float:
+    """V * Phi(m) + Q * tau / Tbar, with an empty queue contributing 0 even at tau = inf."""
+    return self.V * phi + (self.Q * tau_s / self.tbar_s if self.Q else 0.0)
+
+
+def solve_p3(problem: P3Problem, solver: Callable) -> tuple[int, np.ndarray, float, float]:
+  """Per-round drift-plus-penalty problem P3 by enumeration over m.
+
+  `min_m V * Phi(m) + Q * tau(m) / Tbar`, tau(m) the minimum latency of payload bits_fn(m).
+  Enumeration is exact. When Q = 0 the latency drops out of the objective, so only the m with
+  the smallest Phi is solved for (the smallest such m: equal error, less latency).
+
+  Args:
+    problem: the round's P3 instance.
     solver: (bits [K], a [K], c [K]) -> (tau_s, bandwidth_hz [K]); e.g. a MinLatencyProblem or
       functools.partial(min_latency_numpy, total_bw_hz=..., b_min_hz=...).
 
@@ -91,21 +111,21 @@ def solve_p3(m_candidates: Sequence[int], phi_fn: Callable[[int], float], V: flo
 
   References: ALGORITHM.md section 6.
   """
-  shape = np.shape(snr_coeff)
-  candidates = sorted(int(m) for m in m_candidates)
+  shape = np.shape(problem.snr_coeff)
+  candidates = sorted(int(m) for m in problem.m_candidates)
   if not candidates:
     raise ValueError("no candidate m")
-  phis = {m: float(phi_fn(m)) for m in candidates}
-  if Q == 0:
+  phis = {m: float(problem.phi_fn(m)) for m in candidates}
+  if problem.Q == 0:
     best_phi = min(phis.values())
     candidates = [min(m for m in candidates if phis[m] == best_phi)]
   best = None
   for m in candidates:
-    bits = np.broadcast_to(np.asarray(bits_fn(m), np.float64), shape)
-    tau, bandwidth = solver(bits, snr_coeff, compute_s)
+    bits = np.broadcast_to(np.asarray(problem.bits_fn(m), np.float64), shape)
+    tau, bandwidth = solver(bits, problem.snr_coeff, problem.compute_s)
     if not np.isfinite(tau):
       raise SolverFailure(f"non-finite latency at m = {m}")
-    objective = V * phis[m] + Q * tau / tbar_s
+    objective = problem.objective(phis[m], tau)
     if best is None or objective < best[3]:  # strict: ties keep the smaller m
       best = (m, np.asarray(bandwidth), float(tau), float(objective))
   return best
@@ -134,9 +154,8 @@ class P3Decision:
   errors: tuple[str, ...] = ()
 
 
-def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], float], V: float,
-                        Q: float, tbar_s: float, bits_fn: Callable[[int], object], snr_coeff,
-                        compute_s, *, total_bw_hz: float, b_min_hz: float = DEFAULT_B_MIN_HZ,
+def solve_with_fallback(problem: P3Problem, *, total_bw_hz: float,
+                        b_min_hz: float = DEFAULT_B_MIN_HZ,
                         cvx_problem: MinLatencyProblem | None = None,
                         primary: str = "cvx") -> P3Decision:
   """P3 with the fallback chain CVX -> NumPy twin -> equal split with m = 1; no solver failure
@@ -149,7 +168,7 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
   gain at all; the run goes on and the queue records it).
 
   Args:
-    m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s: as in `solve_p3`.
+    problem: the round's P3 instance.
     total_bw_hz: B_tot.
     b_min_hz: smallest band per client.
     cvx_problem: the compiled problem (needed when primary = "cvx").
@@ -167,7 +186,6 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
   if not (np.isfinite(total_bw_hz) and total_bw_hz > 0):
     raise ValueError("total_bw_hz must be a finite number > 0 Hz (config "
                      f"wireless.bandwidth_mhz), got {total_bw_hz}")
-  m_candidates = list(m_candidates)
   errors = []
   stages = []
   if primary == "cvx":
@@ -179,19 +197,18 @@ def solve_with_fallback(m_candidates: Sequence[int], phi_fn: Callable[[int], flo
     try:
       if solver is None:
         raise SolverFailure("no compiled CVXPY problem was given")
-      m, bandwidth, tau, objective = solve_p3(m_candidates, phi_fn, V, Q, tbar_s, bits_fn,
-                                              snr_coeff, compute_s, solver)
+      m, bandwidth, tau, objective = solve_p3(problem, solver)
       if not np.isfinite(objective):
         raise SolverFailure("non-finite objective")
-      _check_allocation(m, bandwidth, m_candidates, np.size(snr_coeff), total_bw_hz)
+      _check_allocation(m, bandwidth, list(problem.m_candidates), np.size(problem.snr_coeff),
+                        total_bw_hz)
       return P3Decision(m=m, bandwidth_hz=bandwidth, tau_s=tau, objective=objective,
                         solver=name, fallbacks=len(errors), errors=tuple(errors))
     except Exception as e:  # any failure of a stage, whatever its type, moves to the next
       message = f"{name}: {type(e).__name__}: {e}"
       logging.warning("TSFA solver failed, falling back: %s", message)
       errors.append(message)
-  return _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s,
-                         total_bw_hz, errors)
+  return _equal_fallback(problem, total_bw_hz, errors)
 
 
 def _check_allocation(m, bandwidth, m_candidates, k: int, total_bw_hz: float) -> None:
@@ -207,23 +224,22 @@ def _check_allocation(m, bandwidth, m_candidates, k: int, total_bw_hz: float) ->
     raise SolverFailure(f"bandwidth sums to {bandwidth.sum():.6g} Hz > B_tot {total_bw_hz:.6g} Hz")
 
 
-def _equal_fallback(m_candidates, phi_fn, V, Q, tbar_s, bits_fn, snr_coeff, compute_s,
-                    total_bw_hz, errors) -> P3Decision:
+def _equal_fallback(problem: P3Problem, total_bw_hz: float, errors: list[str]) -> P3Decision:
   """Last resort: equal split, smallest m; every step guarded so that it cannot raise."""
   try:
-    m = min(int(m) for m in m_candidates)
+    m = min(int(m) for m in problem.m_candidates)
   except Exception:  # a malformed candidate list must not end the run either
     m = 1
-  k = int(np.size(snr_coeff)) or 1
+  k = int(np.size(problem.snr_coeff)) or 1
   bandwidth = np.full(k, total_bw_hz / k)
   try:
-    bits = np.broadcast_to(np.asarray(bits_fn(m), np.float64), (k,))
-    tau, bandwidth = equal_split_latency(bits, snr_coeff, compute_s, total_bw_hz)
+    bits = np.broadcast_to(np.asarray(problem.bits_fn(m), np.float64), (k,))
+    tau, bandwidth = equal_split_latency(bits, problem.snr_coeff, problem.compute_s, total_bw_hz)
   except Exception as e:  # e.g. bits_fn itself failing: report the round as unbounded
     errors.append(f"equal: {type(e).__name__}: {e}")
     tau = math.inf
   try:
-    objective = float(V * phi_fn(m) + (Q * tau / tbar_s if Q else 0.0))  # no 0 * inf = nan
+    objective = float(problem.objective(problem.phi_fn(m), tau))
   except Exception:  # the objective is only reported; inf marks it unknown
     objective = math.inf
   logging.warning("TSFA used the equal-bandwidth fallback with m = %d (tau %.4g s)", m, tau)

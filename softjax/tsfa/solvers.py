@@ -11,6 +11,7 @@ References: ALGORITHM.md section 6 (solving).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 import warnings
@@ -230,6 +231,30 @@ def min_latency_numpy(bits, snr_coeff, compute_s, total_bw_hz: float,
 
   References: ALGORITHM.md section 6.
   """
+  bits, a, c = _checked_inputs(bits, snr_coeff, compute_s, total_bw_hz, b_min_hz)
+  k = bits.shape[0]
+  sending = bits > 0
+  b_max = total_bw_hz - (k - 1) * b_min_hz
+  equal = np.full(k, total_bw_hz / k)
+  if not np.any(sending):
+    return float(np.max(c)), equal
+  need = functools.partial(_bands_needed, bits=bits, a=a, c=c, b_min_hz=b_min_hz,
+                           b_max_hz=b_max)
+  lo = max(float(np.max(c)),
+           float(np.max(link_lib.client_latencies_s(bits, b_max, a, c)[sending])))
+  hi = link_lib.round_latency_s(bits, equal, a, c)
+  hi = _smallest_feasible_tau(need, lo, hi, total_bw_hz, rtol, max_iter)
+  bandwidth, _ = need(hi)
+  if not np.all(np.isfinite(bandwidth)):  # hi is feasible by construction; guard anyway
+    bandwidth = equal
+  tau = link_lib.round_latency_s(bits, bandwidth, a, c)
+  if not np.isfinite(tau):
+    raise SolverFailure("no finite latency")
+  return tau, bandwidth
+
+
+def _checked_inputs(bits, snr_coeff, compute_s, total_bw_hz: float, b_min_hz: float):
+  """(bits, a, c) as float64 arrays of one shape; SolverFailure where no split can exist."""
   bits, a, c = np.broadcast_arrays(np.asarray(bits, np.float64),
                                    np.asarray(snr_coeff, np.float64),
                                    np.asarray(compute_s, np.float64))
@@ -238,31 +263,31 @@ def min_latency_numpy(bits, snr_coeff, compute_s, total_bw_hz: float,
     raise SolverFailure("non-finite inputs")
   if k * b_min_hz > total_bw_hz * (1 + 1e-12):
     raise SolverFailure(f"{k} clients x b_min {b_min_hz} Hz exceed the band {total_bw_hz} Hz")
-  sending = bits > 0
-  if np.any(sending & ~(a > 0)):
+  if np.any((bits > 0) & ~(a > 0)):
     raise SolverFailure("a client with bits to send has zero channel gain")
-  b_max = total_bw_hz - (k - 1) * b_min_hz
-  equal = np.full(k, total_bw_hz / k)
-  if not np.any(sending):
-    return float(np.max(c)), equal
+  return bits, a, c
 
-  def need(tau):
-    """Bands needed at latency tau, and their total's derivative in tau."""
-    with np.errstate(divide="ignore"):
-      rate = np.where(sending, bits / np.maximum(tau - c, 0.0), 0.0)
-    b = bandwidth_for_rate(rate, a, b_min_hz, b_max)
-    # d b_k / d tau = -(bits_k / (tau - c_k)^2) / R_k'(b_k), zero where b_min binds.
-    with np.errstate(divide="ignore", invalid="ignore"):
-      slope = np.where(sending & (b > b_min_hz), -rate ** 2 / bits / _rate_slope(b, a), 0.0)
-    return b, float(np.sum(slope))
 
-  lo = max(float(np.max(c)),
-           float(np.max(link_lib.client_latencies_s(bits, b_max, a, c)[sending])))
-  hi = link_lib.round_latency_s(bits, equal, a, c)
+def _bands_needed(tau, *, bits, a, c, b_min_hz: float, b_max_hz: float):
+  """Bands needed at latency tau, and their total's derivative in tau."""
+  sending = bits > 0
+  with np.errstate(divide="ignore"):
+    rate = np.where(sending, bits / np.maximum(tau - c, 0.0), 0.0)
+  b = bandwidth_for_rate(rate, a, b_min_hz, b_max_hz)
+  # d b_k / d tau = -(bits_k / (tau - c_k)^2) / R_k'(b_k), zero where b_min binds.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    slope = np.where(sending & (b > b_min_hz), -rate ** 2 / bits / _rate_slope(b, a), 0.0)
+  return b, float(np.sum(slope))
+
+
+def _smallest_feasible_tau(need, lo: float, hi: float, total_bw_hz: float, rtol: float,
+                           max_iter: int) -> float:
+  """The bracket [lo, hi] (lo infeasible unless feasible itself, hi feasible) closed on the root
+  of sum(need(tau)) = B_tot by Newton steps from lo, bisection where they leave the bracket."""
   bands, slope = need(lo)
   excess = bands.sum() - total_bw_hz
   if excess <= 0:
-    hi = lo
+    return lo
   for _ in range(max_iter):
     if hi - lo <= rtol * hi:
       break
@@ -279,13 +304,7 @@ def min_latency_numpy(bits, snr_coeff, compute_s, total_bw_hz: float,
       hi = trial
     else:
       lo, excess, slope = trial, trial_excess, trial_slope
-  bandwidth, _ = need(hi)
-  if not np.all(np.isfinite(bandwidth)):  # hi is feasible by construction; guard anyway
-    bandwidth = equal
-  tau = link_lib.round_latency_s(bits, bandwidth, a, c)
-  if not np.isfinite(tau):
-    raise SolverFailure("no finite latency")
-  return tau, bandwidth
+  return hi
 
 
 def equal_split_latency(bits, snr_coeff, compute_s, total_bw_hz: float
