@@ -17,9 +17,10 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
   """A config value is out of range or inconsistent; the message names the field."""
 
-  def __init__(self, field: str, value: Any, allowed: str):
+  def __init__(self, field: str, value: Any, allowed: str, owner: str = "config"):
+    """`owner` is "config" for a run config's field, or the dataclass a caller built by hand."""
     self.field = field
-    super().__init__(f"config.{field} = {value!r} is invalid: {allowed}")
+    super().__init__(f"{owner}.{field} = {value!r} is invalid: {allowed}")
 
 
 class ConfigFileError(UserError):

@@ -90,7 +90,7 @@ def test_unknown_variant_names_allowed():
 
 
 def test_indivisible_image_size():
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match="ViTConfig.image_size = 30 .* not a multiple of the patch"):
     vit.make_vit_config("cpu_small", image_size=30, channels=1, num_classes=10)
 
 
@@ -324,3 +324,13 @@ def test_matches_stock_flax_layers(tiny_setup):
   ref = apply(_RefBlock(heads=2, mlp=32), {"params": block_params}, x)
   ours = apply(vit.EncoderBlock(plain.config, NONE), {"params": block_params}, x)
   chex.assert_trees_all_close(ours, ref, atol=1e-5)
+
+
+def test_dataclass_rules_name_the_dataclass_field():
+  with pytest.raises(ValueError, match=r"^LoRAConfig\.rank = 0 is invalid"):
+    vit.LoRAConfig(rank=0, alpha=1.0, targets=("query",))
+  with pytest.raises(ValueError, match=r"^LoRAConfig\.targets = .* names a projection twice"):
+    vit.LoRAConfig(rank=2, alpha=1.0, targets=("query", "query"))
+  with pytest.raises(ValueError, match=r"^ViTConfig\.width = 10 .* multiple of num_heads \(4\)"):
+    vit.ViTConfig(image_size=8, channels=1, patch_size=4, width=10, depth=1, num_heads=4,
+                  mlp_dim=8, num_classes=2)

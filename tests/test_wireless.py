@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,16 @@ def test_dense_budget_matches_brute_force_over_subsets():
   assert link_lib.dense_budget_s(0, beta[:3], [1.0, 2.0, 3.0], cfg, 2) == pytest.approx(8 / 3)
   with pytest.raises(ValueError):
     link_lib.dense_budget_s(bits, beta, compute, cfg, k, reference="median")
+
+
+@pytest.mark.parametrize("field, kwargs", [
+    ("min_distance_m", dict(min_distance_m=600.0)),
+    ("tx_power_dbm", dict(tx_power_dbm=float("nan"))),
+    ("bandwidth_hz", dict(bandwidth_hz=0.0)),
+    ("shadowing_db", dict(shadowing_db=-1.0)),
+    ("device_flops_range[1]", dict(device_flops_range=(2e9, 1e9))),
+])
+def test_a_channel_built_by_hand_is_checked_by_the_config_rules(field, kwargs):
+  """ChannelConfig and config.wireless share config.rules.cell; each names its own field."""
+  with pytest.raises(ValueError, match=rf"^ChannelConfig\.{re.escape(field)} = "):
+    channel_lib.ChannelConfig(**kwargs)

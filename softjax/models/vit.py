@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from softjax.config import rules
 from softjax.config.choices import LORA_TARGETS  # noqa: F401  (re-exported)
 
 Array = jax.Array
@@ -70,16 +71,11 @@ class ViTConfig:
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"ViTConfig.{field.name} must be a positive int, got {value!r}.")
-    if self.image_size % self.patch_size:
-      raise ValueError(
-          f"ViTConfig.image_size={self.image_size} is not divisible by "
-          f"patch_size={self.patch_size}.")
-    if self.width % self.num_heads:
-      raise ValueError(
-          f"ViTConfig.width={self.width} is not divisible by num_heads={self.num_heads}.")
+      rules.integer(field.name, getattr(self, field.name), 1, owner="ViTConfig")
+    rules.patch_grid(self.image_size, self.patch_size, "image_size", self.image_size,
+                     owner="ViTConfig")
+    rules.check(self.width % self.num_heads == 0, "width", self.width,
+                f"must be a multiple of num_heads ({self.num_heads})", owner="ViTConfig")
 
   @property
   def grid_size(self) -> int:
@@ -140,16 +136,10 @@ class LoRAConfig:
   targets: tuple[str, ...]
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"LoRAConfig.rank must be a positive int, got {self.rank!r}.")
+    rules.integer("rank", self.rank, 1, owner="LoRAConfig")
     # A list would make the config unhashable, so normalise to a tuple.
     object.__setattr__(self, "targets", tuple(self.targets))
-    unknown = [t for t in self.targets if t not in LORA_TARGETS]
-    if unknown:
-      raise ValueError(
-          f"LoRAConfig.targets has unknown names {unknown}; allowed: {', '.join(LORA_TARGETS)}.")
-    if len(set(self.targets)) != len(self.targets):
-      raise ValueError(f"LoRAConfig.targets has duplicates: {self.targets}.")
+    rules.lora_targets("targets", self.targets, owner="LoRAConfig")
 
   def rank_for(self, target: str) -> int:
     """Returns the adapter rank of `target`, 0 when it is not adapted."""

@@ -41,6 +41,12 @@ class SolverFailure(RuntimeError):
   """A latency solver returned no usable answer (bad status, infeasible, non-finite)."""
 
 
+def _check_band(k: int, b_min_hz: float, total_bw_hz: float, error: type[Exception]) -> None:
+  """Raises `error` unless K bands of at least b_min fit in B_tot (the problem's feasibility)."""
+  if not k * b_min_hz <= total_bw_hz * (1 + 1e-12):
+    raise error(f"{k} clients x b_min {b_min_hz} Hz exceed the band {total_bw_hz} Hz")
+
+
 class MinLatencyProblem:
   """Minimum-latency FDMA bandwidth split for K clients, compiled once by CVXPY (DPP).
 
@@ -68,9 +74,7 @@ class MinLatencyProblem:
       solver_options: extra keyword arguments for `Problem.solve` (Clarabel settings among
         them); they override this class's Clarabel default max_step_fraction = 0.9.
     """
-    if num_clients * b_min_hz > total_bw_hz:
-      raise ValueError(f"{num_clients} clients x b_min {b_min_hz} Hz exceed the band "
-                       f"{total_bw_hz} Hz")
+    _check_band(num_clients, b_min_hz, total_bw_hz, ValueError)
     self.num_clients = num_clients
     self.total_bw_hz = float(total_bw_hz)
     self.b_min_hz = float(b_min_hz)
@@ -261,8 +265,7 @@ def _checked_inputs(bits, snr_coeff, compute_s, total_bw_hz: float, b_min_hz: fl
   k = bits.shape[0]
   if not (np.all(np.isfinite(bits)) and np.all(np.isfinite(a)) and np.all(np.isfinite(c))):
     raise SolverFailure("non-finite inputs")
-  if k * b_min_hz > total_bw_hz * (1 + 1e-12):
-    raise SolverFailure(f"{k} clients x b_min {b_min_hz} Hz exceed the band {total_bw_hz} Hz")
+  _check_band(k, b_min_hz, total_bw_hz, SolverFailure)
   if np.any((bits > 0) & ~(a > 0)):
     raise SolverFailure("a client with bits to send has zero channel gain")
   return bits, a, c

@@ -18,6 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from softjax.config import rules
+
 # Host rng streams owned by this module: np.random.default_rng([seed, stream, ...]).
 STREAM_PLACEMENT = 10
 
@@ -69,16 +71,13 @@ class ChannelConfig:
   device_flops_range: tuple[float, float] = (1e9, 5e9)
 
   def __post_init__(self):
-    if not 0 < self.min_distance_m < self.radius_m:
-      raise ValueError(f"need 0 < min_distance_m < radius_m, got {self.min_distance_m}, "
-                       f"{self.radius_m}")
-    if self.bandwidth_hz <= 0:
-      raise ValueError(f"bandwidth_hz must be > 0, got {self.bandwidth_hz}")
-    if self.shadowing_db < 0:
-      raise ValueError(f"shadowing_db must be >= 0, got {self.shadowing_db}")
     low, high = self.device_flops_range
-    if not 0 < low <= high:
-      raise ValueError(f"device_flops_range must satisfy 0 < low <= high, got {(low, high)}")
+    values = dataclasses.asdict(self) | dict(bandwidth=self.bandwidth_hz, device_flops_min=low,
+                                             device_flops_max=high)
+    names = {k: k for k in values} | {"bandwidth": "bandwidth_hz",
+                                      "device_flops_min": "device_flops_range[0]",
+                                      "device_flops_max": "device_flops_range[1]"}
+    rules.cell(values, names, owner="ChannelConfig")
 
   @property
   def tx_power_w(self) -> float:
