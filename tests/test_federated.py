@@ -154,3 +154,14 @@ def test_client_lr_schedule_by_hand():
   assert schedule.client_lr_at(5, 11, 0.1, "cosine", 0.2) == pytest.approx(0.06)
   lrs = [schedule.client_lr_at(t, 11, 0.1, "cosine", 0.2) for t in range(11)]
   assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("rounds, final_fraction", [(2, 0.0), (11, 0.2), (80, 0.1), (200, 0.5)])
+def test_client_lr_schedule_rounds_to_the_float64_closed_form(rounds, final_fraction):
+  """The optax schedule, as the round sees it (float32), equals the closed form in float64."""
+  t = np.arange(rounds, dtype=np.float64)
+  exact = 0.03 * (final_fraction + (1 - final_fraction) * 0.5 * (1 + np.cos(np.pi * t /
+                                                                           (rounds - 1))))
+  got = [schedule.client_lr_at(i, rounds, 0.03, "cosine", final_fraction) for i in range(rounds)]
+  np.testing.assert_array_equal(np.float32(got), np.float32(exact))
+  np.testing.assert_allclose(got, exact, rtol=1e-15)
