@@ -80,9 +80,9 @@ RULES = [
     ("fl.client_parallelism", 4, "at most fl.clients_per_round"),
     ("fl.value_bits", 8, "one of 16, 32"),
     ("method.name", "fedprox", "dense, soft, tlora, rlora, slora"),
+    ("method.penalty", "l1", "offdiag, identity, normalized"),
     ("method.keep_ratio", 0.0, "(0, 1]"),
     ("method.zeta", -0.1, ">= 0"),
-    ("method.penalty", "l1", "offdiag, identity"),
     ("method.selection", "random", "per_layer, global"),
     ("method.score", "svd", "factors, update"),
     ("method.aggregation", "median", "all, senders"),
@@ -151,6 +151,11 @@ def test_method_combinations():
   with pytest.raises(config_lib.ConfigError, match="method.aggregation.*slora"):
     config_lib.validate(config)
   config.method.aggregation = "all"
+  config_lib.validate(config)
+  config.method.reorthogonalize = True
+  with pytest.raises(config_lib.ConfigError, match="method.reorthogonalize.*slora"):
+    config_lib.validate(config)
+  config.method.name = "soft"
   config_lib.validate(config)
 
 

@@ -144,6 +144,10 @@ def _validate_method(method: ml_collections.ConfigDict) -> None:
   rules.choice("method.aggregation", method.aggregation, choices.AGGREGATIONS)
   rules.boolean("method.error_feedback", method.error_feedback)
   rules.boolean("method.rlora_rescale", method.rlora_rescale)
+  rules.boolean("method.reorthogonalize", method.reorthogonalize)
+  rules.check(not (method.reorthogonalize and method.name == "slora"), "method.reorthogonalize",
+              method.reorthogonalize,
+              "must be False with method.name = 'slora' (it sends products, not factors)")
   rules.check(method.name != "slora" or method.aggregation == "all", "method.aggregation",
               method.aggregation, "must be 'all' with method.name = 'slora' (it averages products)")
 

@@ -19,7 +19,7 @@ LORA_TARGETS = ("query", "key", "value", "out", "mlp")
 METHODS = ("dense", "soft", "tlora", "rlora", "slora")
 AGGREGATIONS = ("all", "senders")  # ALGORITHM.md 3: missing components count as zero [choice]
 ERROR_FEEDBACK_METHODS = ("soft", "tlora", "rlora")
-PENALTY_KINDS = ("offdiag", "identity")
+PENALTY_KINDS = ("offdiag", "identity", "normalized")
 SCORE_KINDS = ("factors", "update")
 SELECTIONS = ("per_layer", "global")
 

@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.keep_ratio = 1.0  # O in (0, 1]: share of components (entries for tlora/rlora) sent
   c.method.zeta = 0.0  # orthogonality penalty weight in the local objective (SOFT: e.g. 0.1)
   c.method.penalty = "offdiag"  # offdiag [choice] | identity (AdaLoRA-style, collapses norms)
+  #   | normalized (offdiag(G)^2 / ||G||^2: the same pull on small factors as on large ones)
+  c.method.reorthogonalize = False  # server re-orthogonalizes B, A after aggregating, BA kept
   c.method.error_feedback = True  # residuals for soft, tlora, rlora; False is an ablation
   c.method.selection = "per_layer"  # SOFT top-m per layer [choice] | global top-(m L)
   c.method.score = "factors"  # SOFT score of factors + residual [choice] | update

@@ -28,6 +28,18 @@ def covariance_diagnostic(global_lora: PyTree, sent: PyTree, weights: jax.Array)
   return jnp.sum(terms) if terms.size else jnp.zeros((), jnp.float32)
 
 
+def client_score_diagnostics(global_lora: PyTree, uploads_sent: PyTree, residual: PyTree,
+                             valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(score gap averaged over the real slots, score energy summed over them) of the factors
+  each client scored: B^t + sent_k + residual_k = its trained factors plus its residual."""
+  if not jax.tree.leaves(global_lora):  # head-only fine-tuning: nothing is scored
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+  scored = jax.tree.map(lambda g, s, r: g[None] + s + r, global_lora, uploads_sent, residual)
+  gaps, energy = jax.vmap(diagnostics.score_diagnostics)(scored)
+  count = jnp.maximum(valid.sum(), 1.0)
+  return jnp.dot(valid, gaps) / count, jnp.dot(valid, energy)
+
+
 def global_orth_residual(lora: PyTree) -> jax.Array:
   rb, ra = diagnostics.orthogonality_residuals(lora)
   if rb.size == 0:

@@ -31,6 +31,7 @@ import optax
 
 from softjax.federated.aggregation import (
   aggregation_weights,
+  client_score_diagnostics,
   covariance_diagnostic,
   global_orth_residual,
 )
@@ -44,6 +45,7 @@ from softjax.federated.types import (
   ServerState,
   Trainable,
 )
+from softjax.sparsify import reorthogonalize as reorth
 from softjax.sparsify import sparsifier as sparsifiers
 from softjax.wireless import link as link_lib
 
@@ -66,8 +68,8 @@ class RoundPhases:
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
                 client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
-                penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0
-                ) -> RoundPhases:
+                penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
+                reorthogonalize: bool = False) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -80,10 +82,14 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     penalty: orthogonality penalty kind (soft.PENALTY_KINDS).
     value_bits: q, bits per uploaded value.
     head_params: values in the head, sent densely by every client.
+    reorthogonalize: re-orthogonalize the global factors after each aggregation, product kept
+      (ALGORITHM.md 2.1), with every residual moved into the new basis; factor uploads only.
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty)
   method = sparsifier or sparsifiers.make_sparsifier("dense")
+  if reorthogonalize and not method.factor_upload:
+    raise ValueError(f"reorthogonalize needs factor uploads; {method.name} sends products")
 
   def clients(glob, frozen, data, hparams, client_ids, keys, residuals, slot_data):
     """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses.
@@ -108,14 +114,12 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
                        batch_size=client_parallelism)
 
-  return RoundPhases(clients=clients, server=_server_phase(method),
+  return RoundPhases(clients=clients, server=_server_phase(method, reorthogonalize),
                      metrics=_metrics_phase(method, value_bits, head_params),
                      error_feedback=method.error_feedback)
 
 
-
-
-def _server_phase(method: sparsifiers.Sparsifier):
+def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False):
   """The server phase of `method`: aggregation and the residual store (ALGORITHM.md 2.4, 3)."""
 
   def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts):
@@ -133,6 +137,11 @@ def _server_phase(method: sparsifiers.Sparsifier):
       write_ids = jnp.where(valid > 0, ids, _num_rows(state))
       residuals = jax.tree.map(
           lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
+    if reorthogonalize:
+      # Every stored residual is in the old basis, the sampled clients' just written included.
+      lora, bases = reorth.reorthogonalize(lora)
+      if method.error_feedback:
+        residuals = reorth.change_basis(residuals, bases)
     new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
                             residuals=residuals)
     return new_state, weights
@@ -154,15 +163,19 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
       latency = jnp.where(received > 0, link_lib.client_latencies_s(
           bits, link.bandwidth_hz, link.snr_coeff, link.compute_s, xp=jnp), 0.0)
       bits = (bits * received).astype(bits.dtype)  # delivered bits
-    cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if method.factor_upload
-           else jnp.zeros((), jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
+    cov, gap, energy = zero, zero, zero
+    if method.factor_upload:
+      cov = covariance_diagnostic(glob.lora, uploads.sent, weights)
+      gap, energy = client_score_diagnostics(glob.lora, uploads.sent, uploads.residual, valid)
     # Every sampled client trained, whether or not its upload arrived, so the reported loss
     # weighs them all by data size (a round whose uploads were all lost still has a loss).
     train_loss = jnp.dot(aggregation_weights(data_counts * valid), losses)
     return RoundMetrics(train_loss=train_loss, client_loss=losses, client_bits=bits,
                         client_latency_s=latency,
                         dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
-                        orth_residual=global_orth_residual(lora))
+                        orth_residual=global_orth_residual(lora), score_gap=gap,
+                        score_energy=energy)
 
   return metrics
 

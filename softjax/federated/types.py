@@ -73,6 +73,9 @@ class RoundMetrics(NamedTuple):
   dropped_energy: jax.Array  # float32 [], summed over clients and layers
   cov_term: jax.Array  # float32 [], sum over layers of ||sum p_k B_k A_k - Bbar Abar||_F
   orth_residual: jax.Array  # float32 [2], mean over layers for B^T B and A A^T (global factors)
+  # SOFT's scores on the factors clients score (global + sent + residual, before sparsifying):
+  score_gap: jax.Array  # float32 [], mean over clients and layers of ||sort(s) - sigma||/||sigma||
+  score_energy: jax.Array  # float32 [], sum over clients and layers of sum_i s_i^2
 
 
 def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool

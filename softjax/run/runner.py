@@ -54,7 +54,7 @@ class RoundRunner:
         batch_size=fl.batch_size,
         client_parallelism=client_parallelism(config, mesh, self.swept, jax.default_backend()),
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
-        head_params=shared.head_params)
+        head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize)
     eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in lora_lib.factor_pairs(lora)[0]]
@@ -173,7 +173,8 @@ class RoundRunner:
         "solver_time_s": plan.solver_time_s, "fallbacks": plan.fallbacks,
         "dropped_energy": float(mi.dropped_energy), "cov_term": float(mi.cov_term),
         "orth_residual_B": float(mi.orth_residual[0]),
-        "orth_residual_A": float(mi.orth_residual[1])})
+        "orth_residual_A": float(mi.orth_residual[1]), "score_gap": float(mi.score_gap),
+        "score_energy": float(mi.score_energy)})
     return row
 
   def evaluate(self, state: run_state.RunState) -> list[dict[str, float]]:

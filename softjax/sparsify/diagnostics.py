@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from softjax.models.lora import factor_pairs
-from softjax.sparsify.soft import _gram_cols, _gram_rows, _safe_ratio, offdiag_sq
+from softjax.sparsify.soft import (
+  _gram_cols,
+  _gram_rows,
+  _safe_ratio,
+  component_scores,
+  offdiag_sq,
+)
 
 PyTree = Any
 
@@ -109,3 +115,39 @@ def orthogonality_residuals(lora_tree: PyTree) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
   rs = [orthogonality_residual(q["B"], q["A"]) for q in pairs]
   return jnp.stack([r[0] for r in rs]), jnp.stack([r[1] for r in rs])
+
+
+def product_singular_values(B: jax.Array, A: jax.Array) -> jax.Array:
+  """The r singular values of B A, descending, from thin QR factors and an r x r SVD.
+
+  B = Q_B R_B and A^T = Q_A R_A give B A = Q_B (R_B R_A^T) Q_A^T with orthonormal Q's, so B A
+  and the core share their singular values: no d_out x d_in product is formed.
+
+  References: ALGORITHM.md sections 2.1, 2.2.
+  """
+  _, r_b = jnp.linalg.qr(B)
+  _, r_a = jnp.linalg.qr(A.T)
+  return jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=jax.lax.Precision.HIGHEST),
+                        compute_uv=False)
+
+
+def score_gap(B: jax.Array, A: jax.Array) -> jax.Array:
+  """||sort(s) - sigma|| / ||sigma|| for SOFT's scores s = ||B_i|| ||A_i|| and the singular
+  values sigma of B A: 0 exactly when the scores are the singular values (orthogonal factors),
+  0 for B A = 0.
+
+  References: ALGORITHM.md section 2.2 (test obligation: the score-vs-SVD gap).
+  """
+  scores = jnp.sort(component_scores(B, A))[::-1]
+  sigma = product_singular_values(B, A)
+  return _safe_ratio(jnp.linalg.norm(scores - sigma), jnp.linalg.norm(sigma))
+
+
+def score_diagnostics(lora_tree: PyTree) -> tuple[jax.Array, jax.Array]:
+  """(mean score gap over layers, total score energy sum_l sum_i s_li^2) of one LoRA tree."""
+  pairs, _ = factor_pairs(lora_tree)
+  if not pairs:
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+  gaps = jnp.stack([score_gap(q["B"], q["A"]) for q in pairs])
+  energy = sum(jnp.sum(jnp.square(component_scores(q["B"], q["A"]))) for q in pairs)
+  return gaps.mean(), energy

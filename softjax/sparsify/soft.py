@@ -26,12 +26,6 @@ from softjax.sparsify.masks import global_topm_masks, kept_count, topm_mask
 PyTree = Any
 
 
-
-
-
-
-
-
 def _gram_cols(x: jax.Array) -> jax.Array:
   """x^T x, the [r, r] Gram matrix of the columns of x."""
   return x.T @ x
@@ -65,6 +59,21 @@ def offdiag_sq(G: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(off))
 
 
+# eps of the normalized penalty, in units of ||G||_F^2: it keeps the ratio and its gradient
+# finite at B = 0 (the LoRA initialization), where ||B^T B||^2 is exactly 0. Below
+# ||G||_F ~ 1e-6 the penalty turns quartic again, which bounds its gradient (a degree-0
+# function's gradient grows as 1 / scale) while B is still tiny.
+NORMALIZED_EPS = 1e-12
+
+
+def normalized_offdiag(G: jax.Array) -> jax.Array:
+  """||offdiag(G)||_F^2 / (||G||_F^2 + eps), in [0, 1): 0 for a diagonal G.
+
+  References: ALGORITHM.md section 2.1 (normalized penalty).
+  """
+  return offdiag_sq(G) / (jnp.sum(jnp.square(G)) + NORMALIZED_EPS)
+
+
 def layer_penalty(B: jax.Array, A: jax.Array, kind: str = "offdiag") -> jax.Array:
   """Orthogonality penalty of one layer.
 
@@ -72,7 +81,9 @@ def layer_penalty(B: jax.Array, A: jax.Array, kind: str = "offdiag") -> jax.Arra
     B: [d_out, r] up factor.
     A: [r, d_in] down factor.
     kind: "offdiag" (default [choice]): ||offdiag(B^T B)||^2 + ||offdiag(A A^T)||^2;
-      "identity" (AdaLoRA-style): ||B^T B - I||^2 + ||A A^T - I||^2.
+      "identity" (AdaLoRA-style): ||B^T B - I||^2 + ||A A^T - I||^2;
+      "normalized": ||offdiag(G)||^2 / (||G||^2 + eps) for G = B^T B and G = A A^T, of degree 0
+      in each factor's scale (a small B is pulled as hard as a large one).
 
   Returns:
     float32 scalar.
@@ -85,6 +96,8 @@ def layer_penalty(B: jax.Array, A: jax.Array, kind: str = "offdiag") -> jax.Arra
   if kind == "identity":
     eye = jnp.eye(GB.shape[0], dtype=GB.dtype)
     return jnp.sum(jnp.square(GB - eye)) + jnp.sum(jnp.square(GA - eye))
+  if kind == "normalized":
+    return normalized_offdiag(GB) + normalized_offdiag(GA)
   raise ValueError(f"Unknown penalty kind {kind!r}; expected one of {PENALTY_KINDS}.")
 
 
