@@ -1,13 +1,13 @@
 r"""Is SOFT's premise true? Orthogonality variants of SOFT, each as one vmapped seed sweep.
 
-  python -m experiments.orthogonality --out=docs/results/orthogonality \
-      --workdirs=/tmp/softjax_orth --seeds=0,1,2
+  python -m experiments.reproduce --experiment=orthogonality \
+      --out=docs/results/orthogonality --workdirs=/tmp/softjax_orth --seeds=0,1,2,3,4
 
 Every variant is configs/e1.py (SOFT, rank 8, O = 0.5, fixed controller, the CPU scale) with
 the penalty and the server step of ALGORITHM.md 2.1 set as below, and its seeds run as one
-vmapped sweep in `--workdirs/<variant>` (resumed where it stopped). When a variant finishes,
-its per-seed summary is written to `--out/<variant>.json` (small: commit it), and a variant
-whose summary exists is not run again. `--out/orthogonality.md` tabulates every finished
+vmapped sweep in `WORKDIRS/<variant>` (resumed where it stopped). When a variant finishes,
+its per-seed summary is written to `OUT/<variant>.json` (small: commit it), and a variant
+whose summary exists is not run again. `OUT/orthogonality.md` tabulates every finished
 variant: mean and Student-t 95 % half-width over the seeds of
   - final accuracy (mean of the last 3 evaluations),
   - the global factors' orthogonality residuals for B and for A,
@@ -22,10 +22,9 @@ import json
 import os
 from typing import Any
 
-from absl import flags
-
 from configs import e1 as e1_config
-from experiments import common, stats
+from experiments import stats
+from softjax import errors
 from softjax.run import experiment
 
 # variant -> (method.penalty, method.zeta, method.reorthogonalize)
@@ -37,15 +36,6 @@ VARIANTS: dict[str, tuple[str, float, bool]] = {
     "reorth_offdiag": ("offdiag", 0.1, True),
 }
 TAIL_ROUNDS = 20
-
-_OUT = flags.DEFINE_string("out", None, "Directory of the per-variant summaries and the table.")
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "Directory of the run workdirs (not committed).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, run as one vmapped sweep.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to run, in order.")
-_ROUNDS = flags.DEFINE_integer("rounds", 0, "Rounds (0: the CPU scale's 80).")
-_SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "test"], "cpu, or test (seconds).")
-flags.mark_flags_as_required(["out", "workdirs"])
-
 
 def variant_config(name: str, seeds: list[int], scale: str, rounds: int):
   penalty, zeta, reorth = VARIANTS[name]
@@ -96,10 +86,9 @@ def table(records: list[dict]) -> str:
   head = "| variant | penalty | zeta | re-orth | seeds | " + " | ".join(METRICS) + " |"
   lines = [head, "|" + "---|" * (5 + len(METRICS))]
   for r in records:
-    cells = []
-    for key in METRICS:
-      mean, half = stats.mean_ci95([s[key] for s in r["per_seed"]])
-      cells.append(f"{mean:.4f} ± {half:.4f}")
+    cells = ["diverged"] * len(METRICS) if "diverged" in r else [
+        "{:.4f} ± {:.4f}".format(*stats.mean_ci95([s[key] for s in r["per_seed"]]))
+        for key in METRICS]
     lines.append(f"| {r['variant']} | {r['penalty']} | {r['zeta']:g} | "
                  f"{'yes' if r['reorthogonalize'] else 'no'} | {len(r['seeds'])} | "
                  + " | ".join(cells) + " |")
@@ -116,7 +105,12 @@ def run_all(out: str, workdirs: str, seeds: list[int], variants: list[str], scal
       with open(path) as f:
         records.append(json.load(f))
       continue
-    record = run_variant(name, seeds, scale, rounds, workdirs)
+    try:
+      record = run_variant(name, seeds, scale, rounds, workdirs)
+    except errors.NonFiniteLossError as e:  # a measured outcome too: recorded, not retried
+      penalty, zeta, reorth = VARIANTS[name]
+      record = {"variant": name, "penalty": penalty, "zeta": zeta, "reorthogonalize": reorth,
+                "seeds": seeds, "diverged": str(e)}
     with open(path, "w") as f:
       json.dump(record, f, indent=1)
     records.append(record)
@@ -124,19 +118,3 @@ def run_all(out: str, workdirs: str, seeds: list[int], variants: list[str], scal
   with open(os.path.join(out, "orthogonality.md"), "w") as f:
     f.write(text)
   return text
-
-
-def main(argv):
-  del argv
-  common.quiet_libraries()
-  unknown = [v for v in _VARIANTS.value if v not in VARIANTS]
-  if unknown:
-    raise SystemExit(f"error: --variants has unknown names {unknown}; allowed: "
-                     f"{', '.join(VARIANTS)}")
-  seeds = [int(s) for s in _SEEDS.value]
-  print(common.exit_on_user_error(run_all, _OUT.value, _WORKDIRS.value, seeds, _VARIANTS.value,
-                                  _SCALE.value, _ROUNDS.value))
-
-
-if __name__ == "__main__":
-  common.run_launcher(main)

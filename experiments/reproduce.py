@@ -7,6 +7,8 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
   python -m experiments.reproduce --experiment=e5 --scale=cpu --out=results/e5
   python -m experiments.reproduce --experiment=e6 --scale=cpu --out=results/e6
   python -m experiments.reproduce --experiment=all --scale=cpu --out=results  # + report.md
+  python -m experiments.reproduce --experiment=orthogonality --out=docs/results/orthogonality \
+      --workdirs=/tmp/softjax_orth --seeds=0,1,2,3,4  # SOFT's premise (experiments/orthogonality.py)
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run under --out, so an interrupted driver resumes every run where it stopped),
@@ -23,11 +25,13 @@ from absl import flags
 
 from configs import e1 as e1_config
 from configs import tsfa as tsfa_config
-from experiments import common, compression_cost, plots
+from experiments import common, compression_cost, orthogonality, plots
+from softjax import errors
 from softjax.run import experiment
 
 ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6")
-_EXPERIMENT = flags.DEFINE_enum("experiment", None, list(ALL_EXPERIMENTS) + ["all"],
+_EXPERIMENT = flags.DEFINE_enum("experiment", None,
+                                list(ALL_EXPERIMENTS) + ["all", "orthogonality"],
                                 "Which experiment to run (all: E1-E6 and DIR/report.md).")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "paper", "test"],
                            "cpu: minutes on a CPU; paper: an accelerator; test: seconds.")
@@ -37,6 +41,11 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "ViT-B_16.npz", "ViT-B/16 .npz (
 _RANKS = flags.DEFINE_list("ranks", [], "E2: the fixed ranks (default 1,2,4,8,16,32,64; tsfa "
                            "compares the same ones).")
 _TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best).")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "orthogonality: seeds, one vmapped sweep.")
+_VARIANTS = flags.DEFINE_list("variants", list(orthogonality.VARIANTS),
+                              "orthogonality: the variants to run, in order.")
+_WORKDIRS = flags.DEFINE_string("workdirs", None, "orthogonality: the runs' workdirs (with "
+                                "checkpoints, not to commit); default: --out.")
 flags.mark_flags_as_required(["experiment", "out"])
 
 E1_METHODS = ("dense", "soft", "tlora", "rlora", "slora")
@@ -377,6 +386,21 @@ def run_all(out: str, scale: str, rounds: int, checkpoint: str) -> str:
   return report
 
 
+def _run_orthogonality(out: str) -> str:
+  unknown = [v for v in _VARIANTS.value if v not in orthogonality.VARIANTS]
+  if unknown:
+    raise errors.UserError(f"--variants has unknown names {unknown}; allowed: "
+                           f"{', '.join(orthogonality.VARIANTS)}")
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise errors.UserError(f"--seeds must be integers, got {_SEEDS.value}") from None
+  if _SCALE.value == "paper":
+    raise errors.UserError("--experiment=orthogonality runs at --scale=cpu or test")
+  return orthogonality.run_all(out, _WORKDIRS.value or out, seeds, _VARIANTS.value,
+                               _SCALE.value, _ROUNDS.value)
+
+
 def main(argv):
   del argv
   common.quiet_libraries()
@@ -384,6 +408,8 @@ def main(argv):
   args = (out, _SCALE.value, _ROUNDS.value, _CHECKPOINT.value)
   if name == "all":
     print(common.exit_on_user_error(run_all, *args))
+  elif name == "orthogonality":
+    print(common.exit_on_user_error(_run_orthogonality, out))
   else:
     print(common.exit_on_user_error(run_experiment, name, *args)[0])
 

@@ -48,3 +48,15 @@ def test_driver_runs_a_seed_sweep_writes_its_summary_and_resumes(cache_dir, tmp_
 
   monkeypatch.setattr(experiment, "run", no_rerun)
   assert orthogonality.run_all(out, workdirs, [0, 1], ["reorth"], "test", 2) == text
+
+
+@pytest.mark.slow
+def test_reproduce_refuses_an_unknown_variant_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-m", "experiments.reproduce",
+                         "--experiment=orthogonality", "--variants=offdiag,bogus",
+                         f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --variants has unknown names")
+  assert "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from softjax.sparsify import soft
+from softjax.sparsify import lapack, soft
 from softjax.sparsify.masks import magnitude_topk_mask, random_k_mask, topk_count
 
 # mask_fn(values, k) -> float32 0/1 mask of values.shape with exactly k ones.
@@ -116,7 +116,7 @@ def svd_topm(P: jax.Array, m: jax.Array | int):
 
   References: ALGORITHM.md section 7 (SLoRA).
   """
-  U, s, Vt = jnp.linalg.svd(P, full_matrices=False)
+  U, s, Vt = lapack.svd(P)
   mask = (jnp.arange(s.shape[0]) < m).astype(jnp.float32)
   return U, s, Vt, mask
 
@@ -174,7 +174,7 @@ def refactorize(P_mean: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
 
   References: ALGORITHM.md section 7 (SLoRA).
   """
-  U, s, Vt = jnp.linalg.svd(P_mean, full_matrices=False)
+  U, s, Vt = lapack.svd(P_mean)
   r_max = s.shape[0]
   keep = min(rank, r_max)
   root = jnp.sqrt(s[:keep])

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from softjax.models.lora import factor_pairs
+from softjax.sparsify import lapack
 from softjax.sparsify.soft import (
   _gram_cols,
   _gram_rows,
@@ -125,10 +126,9 @@ def product_singular_values(B: jax.Array, A: jax.Array) -> jax.Array:
 
   References: ALGORITHM.md sections 2.1, 2.2.
   """
-  _, r_b = jnp.linalg.qr(B)
-  _, r_a = jnp.linalg.qr(A.T)
-  return jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=jax.lax.Precision.HIGHEST),
-                        compute_uv=False)
+  _, r_b = lapack.qr(B)
+  _, r_a = lapack.qr(A.T)
+  return lapack.singular_values(jnp.matmul(r_b, r_a.T, precision=jax.lax.Precision.HIGHEST))
 
 
 def score_gap(B: jax.Array, A: jax.Array) -> jax.Array:

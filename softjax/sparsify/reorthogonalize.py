@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from softjax.models.lora import factor_pairs
+from softjax.sparsify import lapack
 
 PyTree = Any
 
@@ -45,11 +46,11 @@ def reorthogonalize_layer(B: jax.Array, A: jax.Array) -> tuple[jax.Array, jax.Ar
   References: ALGORITHM.md section 2.1.
   """
   hi = jax.lax.Precision.HIGHEST  # r x r and thin products: full precision costs little
-  q_b, r_b = jnp.linalg.qr(B)
-  q_a, r_a = jnp.linalg.qr(A.T)
-  u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=hi))
+  q_b, r_b = lapack.qr(B)
+  q_a, r_a = lapack.qr(A.T)
+  u, s, vt = lapack.svd(jnp.matmul(r_b, r_a.T, precision=hi))
   # H = V^T R_A^-T, i.e. H^T = R_A^-1 V: one triangular solve.
-  h = jax.scipy.linalg.solve_triangular(r_a, vt.T, lower=False).T
+  h = lapack.solve_upper(r_a, vt.T).T
   h_inv = jnp.matmul(r_a.T, vt.T, precision=hi)
   new_b = jnp.matmul(q_b, u * s[None, :], precision=hi)
   new_a = jnp.matmul(vt, q_a.T, precision=hi)
