@@ -113,7 +113,7 @@ def orthogonality_penalty(lora_tree: PyTree, kind: str = "offdiag") -> jax.Array
 
   Args:
     lora_tree: LoRA tree (nested dicts ending in `{"A": [r, d_in], "B": [d_out, r]}`).
-    kind: "offdiag" or "identity", see `layer_penalty`.
+    kind: "offdiag", "normalized" or "identity", see `layer_penalty`.
 
   Returns:
     float32 scalar; 0.0 for a tree without layers.
