@@ -68,13 +68,16 @@ def member_record(rows: list[dict[str, Any]]) -> dict[str, float]:
   }
 
 
+def _variant_fields(name: str) -> dict[str, Any]:
+  penalty, zeta, reorth = VARIANTS[name]
+  return {"variant": name, "penalty": penalty, "zeta": zeta, "reorthogonalize": reorth}
+
+
 def run_variant(name: str, seeds: list[int], scale: str, rounds: int, workdirs: str) -> dict:
   summary = experiment.run(variant_config(name, seeds, scale, rounds),
                            os.path.join(workdirs, name))
   members = summary.get("members") or [dict(summary, setting={"seed": seeds[0]})]
-  penalty, zeta, reorth = VARIANTS[name]
-  return {"variant": name, "penalty": penalty, "zeta": zeta, "reorthogonalize": reorth,
-          "seeds": [m["setting"]["seed"] for m in members],
+  return {**_variant_fields(name), "seeds": [m["setting"]["seed"] for m in members],
           "per_seed": [member_record(m["rows"]) for m in members],
           "wall_time_s": summary["wall_time_s"]}
 
@@ -108,9 +111,7 @@ def run_all(out: str, workdirs: str, seeds: list[int], variants: list[str], scal
     try:
       record = run_variant(name, seeds, scale, rounds, workdirs)
     except errors.NonFiniteLossError as e:  # a measured outcome too: recorded, not retried
-      penalty, zeta, reorth = VARIANTS[name]
-      record = {"variant": name, "penalty": penalty, "zeta": zeta, "reorthogonalize": reorth,
-                "seeds": seeds, "diverged": str(e)}
+      record = {**_variant_fields(name), "seeds": seeds, "diverged": str(e)}
     with open(path, "w") as f:
       json.dump(record, f, indent=1)
     records.append(record)

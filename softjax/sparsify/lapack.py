@@ -7,9 +7,10 @@ each hold a worker while waiting for pieces queued behind the other: with 2 work
 machine) the program waits forever with the CPU idle. Seen in jaxlib 0.10.2 as a three-seed
 sweep of SOFT's score diagnostics hanging in its first round; stacks and reproduction in
 docs/design.md. An unbatched call never waits on the pool, so under `jax.vmap` these wrappers
-run one matrix at a time (`lax.map`), on the CPU backend only: the matrices here are small
-(r x r cores, thin d x r factors) and the diagnostics and the server step are a small share of
-a round. On other backends the batched kernels are used as they are.
+run one matrix at a time (`lax.map`), on the CPU backend only. For the r x r cores and thin
+d x r factors of the diagnostics and the server step this costs little; SLoRA's d_out x d_in
+SVDs lose the batch's two-worker split (not measured). On other backends the batched kernels
+are used as they are.
 """
 
 from __future__ import annotations
