@@ -1,20 +1,24 @@
 """The three sizes every experiment config comes in (shared by configs/e1.py and configs/tsfa.py).
 
-  cpu:   the quickstart setup (cpu_small ViT, Fashion-MNIST, 20 clients): minutes on a CPU.
+  cpu:    the quickstart, the CPU-scale benchmark task (cpu_fast ViT pretrained on 2 classes,
+          Fashion-MNIST, 20 clients): minutes on a CPU.
+  cpu_v1: the first CPU-scale task (configs/cpu_v1.py), on which the older results were measured.
   paper: ViT-B/16 on CIFAR-100, 100 clients (configs/cifar100_vitb16.py): an accelerator.
   test:  8x8 digits and a 2-block ViT (configs/testing.py): seconds, for tests.
 """
 
-from configs import cifar100_vitb16, quickstart, testing
+from configs import cifar100_vitb16, cpu_v1, quickstart, testing
 from softjax import config as config_lib
 
-SCALES = ("cpu", "paper", "test")
+SCALES = ("cpu", "cpu_v1", "paper", "test")
 
 
 def base_for_scale(scale: str, checkpoint: str):
   """An unlocked config of the given scale; `checkpoint` is the ViT-B/16 .npz for paper."""
   if scale == "cpu":
     config = quickstart.get_config()
+  elif scale == "cpu_v1":
+    config = cpu_v1.get_config()
   elif scale == "paper":
     config = cifar100_vitb16.get_config(f"checkpoint={checkpoint}")
   elif scale == "test":

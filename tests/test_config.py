@@ -8,7 +8,7 @@ import pytest
 from softjax import config as config_lib
 from tests.support import make_testing_config
 
-CONFIG_MODULES = ("configs.quickstart", "configs.testing", "configs.cifar100_vitb16")
+CONFIG_MODULES = ("configs.quickstart", "configs.cpu_v1", "configs.testing", "configs.cifar100_vitb16")
 
 
 @pytest.mark.parametrize("name", CONFIG_MODULES)
@@ -47,6 +47,12 @@ def test_quickstart_arguments():
   from configs import quickstart
   config = quickstart.get_config("rounds=7,head_only")
   assert config.fl.rounds == 7 and config.lora.targets == ""
+  central, federated = quickstart.get_config("centralized"), quickstart.get_config()
+  # One client, the same SGD steps and examples per round as the K x E federated ones.
+  assert central.fl.num_clients == central.fl.clients_per_round == 1
+  assert central.data.partition == "iid"
+  assert (central.fl.local_steps * central.fl.batch_size
+          == federated.fl.clients_per_round * federated.fl.local_steps * federated.fl.batch_size)
 
 
 # (field, bad value, text the message must contain)

@@ -405,3 +405,23 @@ def test_other_sparsifiers_run_under_the_same_controller(method, cache_dir, tmp_
   for r in summary["rows"]:
     assert r["solver"] == "cvx" and r["keep_ratio"] in (0.25, 0.5, 0.75, 1.0)
     assert r["latency_s"] == pytest.approx(r["predicted_latency_s"], rel=1e-4)
+
+
+def test_last_round_adds_the_whole_split_from_the_same_pass(cache_dir, tmp_path):
+  """With an evaluation subset the last row also has the whole split's accuracy; its subset
+  number is the one the subset pass gives (same examples in the same batches)."""
+  both = experiment.run(make_config(cache_dir, rounds=4, **{"eval.num_examples": 40}),
+                        str(tmp_path / "both"))
+  subset = experiment.run(make_config(cache_dir, rounds=4, **{"eval.num_examples": 40,
+                                                              "eval.final_full": False}),
+                          str(tmp_path / "subset"))
+  last, plain = both["rows"][-1], subset["rows"][-1]
+  assert last["test_accuracy"] == plain["test_accuracy"] == subset["final_accuracy"]
+  assert "test_accuracy_full" not in plain and subset["final_accuracy_full"] is None
+  assert both["final_accuracy_full"] == last["test_accuracy_full"]
+  middle = both["rows"][1]  # round 2: an intermediate evaluation reads the subset only
+  assert "test_accuracy" in middle and "test_accuracy_full" not in middle
+  # The whole split is not the subset: digits' test split has 360 examples.
+  whole = experiment.run(make_config(cache_dir, rounds=4), str(tmp_path / "whole"))
+  assert last["test_accuracy_full"] == whole["final_accuracy"]
+  assert whole["final_accuracy_full"] is None  # no subset, nothing more to report

@@ -133,17 +133,19 @@ def test_padding_is_never_trained_on():
   assert seen == set(clients[0].tolist())
 
 
-def test_eval_counts_only_unpadded_examples():
+def test_eval_counts_each_mask_row_from_one_pass():
   apply_fn, frozen, state, _ = tiny_setup()
   eval_fn = jax.jit(evaluation.make_eval(apply_fn, batch_size=4))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(8, 8, 8, 1), dtype=np.uint8)
   labels = rng.integers(0, 5, size=8).astype(np.int32)
-  mask = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
-  correct, count = eval_fn(frozen, state.trainable, images, labels, mask)
+  masks = np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]], np.float32)
+  correct, count = eval_fn(frozen, state.trainable, images, labels, masks)
   logits = apply_fn(frozen, state.trainable, batching.preprocess(jnp.asarray(images)))
-  want = int(((np.argmax(logits, -1) == labels) * mask).sum())
-  assert int(count) == 5 and int(correct) == want
+  hits = np.argmax(logits, -1) == labels
+  chex.assert_shape(correct, (2,))
+  np.testing.assert_array_equal(np.asarray(count), [5, 3])
+  np.testing.assert_array_equal(np.asarray(correct), [hits[:5].sum(), hits[:3].sum()])
 
 
 def test_client_lr_schedule_by_hand():

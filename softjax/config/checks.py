@@ -29,6 +29,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   rules.integer("eval.every", config.eval.every, 1)
   rules.integer("eval.num_examples", config.eval.num_examples, 0, what=" (0 = whole test split)")
   rules.integer("eval.batch_size", config.eval.batch_size, 1)
+  rules.boolean("eval.final_full", config.eval.final_full)
   rules.integer("checkpoint.every", config.checkpoint.every, 1)
   rules.integer("checkpoint.keep", config.checkpoint.keep, 1)
   for writer in metrics_writers(config):

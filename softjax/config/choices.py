@@ -12,7 +12,7 @@ PAYLOAD_VALUE_BITS = (16, 32)
 
 DATA_SOURCES = ("cifar10", "cifar100", "digits", "fashion_mnist")  # data.sources registry
 PARTITIONS = ("iid", "shards", "dirichlet")
-MODEL_VARIANTS = ("tiny", "cpu_small", "B/16")  # models.vit.VARIANTS
+MODEL_VARIANTS = ("tiny", "cpu_small", "cpu_fast", "B/16")  # models.vit.VARIANTS
 # "query"/"key"/"value"/"out" are the attention projections; "mlp" adapts both MLP Dense layers.
 LORA_TARGETS = ("query", "key", "value", "out", "mlp")
 

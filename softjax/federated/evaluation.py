@@ -11,23 +11,23 @@ from softjax.federated.types import ApplyFn
 
 
 def make_eval(apply_fn: ApplyFn, batch_size: int):
-  """Builds eval_fn(frozen, trainable, images, labels, mask) -> (correct, count).
+  """Builds eval_fn(frozen, trainable, images, labels, masks) -> (correct [M], count [M]).
 
-  images/labels/mask are padded to a multiple of batch_size ([nb * bs, ...]); padded rows
-  have mask 0 and are not counted.
+  images/labels are padded to a multiple of batch_size ([nb * bs, ...]); masks is [M, nb * bs],
+  one 0/1 row per set of examples counted (the whole split, a subset of it), so one pass over
+  the images gives every set's accuracy; padded rows are 0 in every mask.
   """
 
-  def eval_fn(frozen, trainable, images, labels, mask):
+  def eval_fn(frozen, trainable, images, labels, masks):
     shape = (-1, batch_size)
 
     def one_batch(args):
-      x, y, m = args
+      x, y = args
       logits = apply_fn(frozen, trainable, batching.preprocess(x))
-      return jnp.sum((jnp.argmax(logits, -1) == y) * m), jnp.sum(m)
+      return (jnp.argmax(logits, -1) == y).astype(jnp.float32)
 
-    batches = (images.reshape(shape + images.shape[1:]), labels.reshape(shape),
-               mask.reshape(shape))
-    correct, count = jax.lax.map(one_batch, batches)
-    return correct.sum(), count.sum()
+    hits = jax.lax.map(one_batch, (images.reshape(shape + images.shape[1:]),
+                                   labels.reshape(shape))).reshape(-1)
+    return masks @ hits, masks.sum(-1)
 
   return eval_fn

@@ -37,6 +37,7 @@ Initializer = Callable[..., Array]
 VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(patch_size=2, width=16, depth=2, num_heads=2, mlp_dim=32),
     "cpu_small": dict(patch_size=4, width=128, depth=6, num_heads=4, mlp_dim=512),
+    "cpu_fast": dict(patch_size=7, width=128, depth=4, num_heads=4, mlp_dim=512),
     "B/16": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
 }
 

@@ -119,6 +119,8 @@ def _member_summary(member: Member, rows: list[dict[str, Any]], cum_bits: int
   latencies = [r["latency_s"] for r in rows if "latency_s" in r]
   return {"setting": member.setting,
           "final_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+          # The whole test split (eval.final_full with an evaluation subset), else None.
+          "final_accuracy_full": evaluated[-1].get("test_accuracy_full") if evaluated else None,
           "cum_uplink_bits": cum_bits, "rank": member.uplink.rank,
           "latency_budget_s": member.uplink.tbar_s,
           "offline": (dataclasses.asdict(member.uplink.offline) if member.uplink.offline
@@ -225,7 +227,7 @@ def _run_rounds(loop: _Loop, state: run_state.RunState, done: int, on_round_end)
       state, rows = loop.runner.run_round(state, t)
       _check_and_count(loop, rows, t)
       if (t + 1) % loop.config.eval.every == 0 or t + 1 == rounds:
-        for row, result in zip(rows, loop.runner.evaluate(state)):
+        for row, result in zip(rows, loop.runner.evaluate(state, last=t + 1 == rounds)):
           row.update(result)
       for row in rows:
         loop.writer.write(row)
@@ -292,5 +294,7 @@ def _summarize(members: list[Member], loop: _Loop, common: dict[str, Any]) -> di
 
 
 def _accuracy(summary: dict[str, Any]) -> str:
-  accuracy = summary["final_accuracy"]
-  return "n/a (no evaluated round)" if accuracy is None else f"{accuracy:.4f}"
+  accuracy, full = summary["final_accuracy"], summary["final_accuracy_full"]
+  if accuracy is None:
+    return "n/a (no evaluated round)"
+  return f"{accuracy:.4f}" + ("" if full is None else f" (whole test split {full:.4f})")

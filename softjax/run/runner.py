@@ -177,11 +177,17 @@ class RoundRunner:
         "score_energy": float(mi.score_energy)})
     return row
 
-  def evaluate(self, state: run_state.RunState) -> list[dict[str, float]]:
-    """Test accuracy of every member's global model."""
+  def evaluate(self, state: run_state.RunState, last: bool = False) -> list[dict[str, float]]:
+    """Every member's test accuracy on the evaluation subset (`test_accuracy`); in the last
+    round also on the whole split (`test_accuracy_full`), from the same pass."""
     tick = time.time()
-    correct, count = self.eval(self.shared.frozen, state.server.trainable, *self.shared.test)
-    correct, count = np.atleast_1d(np.asarray(correct)), np.atleast_1d(np.asarray(count))
+    final = self.shared.test.final if last else None
+    images, labels, masks = self.shared.test.subset if final is None else final
+    correct, count = self.eval(self.shared.frozen, state.server.trainable, images, labels, masks)
+    accuracy = np.asarray(correct).reshape(-1, masks.shape[0]) / np.asarray(count).reshape(
+        -1, masks.shape[0])  # [members, mask rows]
     elapsed = time.time() - tick
-    return [{"test_accuracy": float(c) / float(n), "eval_time_s": elapsed}
-            for c, n in zip(correct, count)]
+    if final is None:
+      return [{"test_accuracy": float(a[0]), "eval_time_s": elapsed} for a in accuracy]
+    return [{"test_accuracy": float(a[1]), "test_accuracy_full": float(a[0]),
+             "eval_time_s": elapsed} for a in accuracy]

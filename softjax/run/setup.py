@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -48,7 +48,7 @@ class SharedSetup:
   frozen: Any  # backbone params without the head, device-resident
   head: Any  # the initial head (zero-initialised, seed-independent)
   data: fl_types.FederatedData
-  test: tuple[jax.Array, jax.Array, jax.Array]  # padded images, labels, mask
+  test: TestSets  # the evaluation subset and the whole split for the last round
   sparsifier: sparsifiers.Sparsifier
   head_params: int
   vit_config: vit.ViTConfig
@@ -101,17 +101,40 @@ def load_federated_data(config: ml_collections.ConfigDict):
   return dataset, pretrain_idx, federated_idx, clients
 
 
-def padded_test_set(dataset: sources.Dataset, num_examples: int, batch_size: int,
-                    mesh: Mesh | None = None):
-  """Test images/labels padded to a multiple of batch_size, with a 0/1 mask for padding."""
-  n = len(dataset.test_labels) if num_examples == 0 else min(num_examples,
-                                                             len(dataset.test_labels))
+class TestSets(NamedTuple):
+  """The test examples on the device: what intermediate evaluations read, and the final one.
+
+  Each is (images, labels, masks): images/labels padded to a multiple of eval.batch_size, masks
+  [M, n] with one 0/1 row per accuracy reported. `subset` holds the first eval.num_examples
+  examples (mask row: those); `final` is the whole split with rows (whole split, the subset), so
+  the last round reports both from one pass, the subset's number as the subset pass would give
+  it (same examples in the same batches). `final` is None where the subset is the whole split
+  or eval.final_full is off.
+  """
+  subset: tuple[jax.Array, jax.Array, jax.Array]
+  final: tuple[jax.Array, jax.Array, jax.Array] | None
+
+
+def _padded(dataset: sources.Dataset, n: int, n_subset: int, batch_size: int, mesh):
+  """The first n test examples padded to a batch multiple, with masks [all n; first n_subset]."""
   padded = -(-n // batch_size) * batch_size
   images = np.zeros((padded,) + dataset.test_images.shape[1:], np.uint8)
   labels = np.zeros((padded,), np.int32)
   images[:n], labels[:n] = dataset.test_images[:n], dataset.test_labels[:n]
-  mask = (np.arange(padded) < n).astype(np.float32)
-  return to_devices((images, labels, mask), mesh)
+  rows = [n] if n_subset == n else [n, n_subset]
+  masks = np.stack([(np.arange(padded) < k).astype(np.float32) for k in rows])
+  return to_devices((images, labels, masks), mesh)
+
+
+def test_sets(dataset: sources.Dataset, eval_config: ml_collections.ConfigDict,
+              mesh: Mesh | None = None) -> TestSets:
+  """The subset every evaluation reads and, with eval.final_full, the whole split for the last."""
+  total = len(dataset.test_labels)
+  n = total if eval_config.num_examples == 0 else min(eval_config.num_examples, total)
+  subset = _padded(dataset, n, n, eval_config.batch_size, mesh)
+  final = (_padded(dataset, total, n, eval_config.batch_size, mesh)
+           if eval_config.final_full and n < total else None)
+  return TestSets(subset, final)
 
 
 def to_devices(tree, mesh: Mesh | None):
@@ -248,7 +271,7 @@ def build_shared(config: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
   return SharedSetup(
       apply_fn=None,  # set by build_setup once the members' rank is known
       frozen=frozen, head=head, data=data,
-      test=padded_test_set(dataset, config.eval.num_examples, config.eval.batch_size, mesh),
+      test=test_sets(dataset, config.eval, mesh),
       sparsifier=make_sparsifier(config.method),
       head_params=sum(int(np.size(x)) for x in jax.tree.leaves(head)),
       vit_config=vit_config,
