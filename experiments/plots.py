@@ -10,31 +10,47 @@ matplotlib.use("Agg")  # files only: works on machines and CI runs without a dis
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def accuracy_curves(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-  """Test accuracy vs round and vs cumulative uplink, one line per (method, rank) record.
+def _seed_band(curves: Sequence[dict[str, list]], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per evaluation: the mean over seeds and its Student-t 95 % half-width (0 for one seed)."""
+  values = np.array([c[key] for c in curves], dtype=float)  # [seeds, evaluations]
+  n = values.shape[0]
+  half = (stats.t.ppf(0.975, n - 1) * values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1
+          else np.zeros(values.shape[1]))
+  return values.mean(axis=0), half
 
-  Each record holds `method`, `rank` and `curve` = {round, test_accuracy, cum_uplink_bits}.
+
+def accuracy_curves(records: Sequence[dict[str, Any]], label, path: str,
+                    title: str = "") -> None:
+  """Test accuracy vs round and vs cumulative uplink: per seeded run the mean over its seeds
+  with a 95 % band, one line per run (colour by label, line style by rank).
+
+  Records are experiments/seeded.py run summaries; `label(record)` names a line.
   """
-  fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  methods = sorted({r["method"] for r in records})
+  fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+  labels = sorted({label(r) for r in records})
   ranks = sorted({r["rank"] for r in records})
-  colors = {m: f"C{i}" for i, m in enumerate(methods)}
+  colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}
   for r in records:
-    curve = r["curve"]
-    style = dict(color=colors[r["method"]], linestyle=LINESTYLES[ranks.index(r["rank"]) % 4],
-                 marker="o", markersize=3, label=f"{r['method']} r={r['rank']}")
-    by_round.plot(curve["round"], curve["test_accuracy"], **style)
-    by_bits.plot([b / 8e6 for b in curve["cum_uplink_bits"]], curve["test_accuracy"], **style)
+    curves = [s["curve"] for s in r["per_seed"]]
+    acc, half = _seed_band(curves, "test_accuracy")
+    rounds = curves[0]["round"]
+    mb = _seed_band(curves, "cum_uplink_bits")[0] / 8e6
+    style = dict(color=colors[label(r)], linestyle=LINESTYLES[ranks.index(r["rank"]) % 4])
+    name = f"{label(r)} r={r['rank']}" if r["rank"] else label(r)
+    for ax, x in ((by_round, rounds), (by_bits, mb)):
+      ax.plot(x, acc, label=name if ax is by_bits else None, **style)
+      ax.fill_between(x, acc - half, acc + half, color=style["color"], alpha=0.15, linewidth=0)
   by_round.set_xlabel("round")
-  by_round.set_ylabel("test accuracy")
+  by_round.set_ylabel("test accuracy (mean over seeds, 95 % band)")
   by_bits.set_xlabel("cumulative uplink (MB)")
   by_bits.set_xscale("log")
   by_bits.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
-  by_bits.legend(fontsize=7, ncol=2)
+  by_bits.legend(fontsize=6, ncol=2)
   _finish(fig, (by_round, by_bits), title, path)
 
 

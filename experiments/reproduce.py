@@ -1,6 +1,7 @@
 r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
-  python -m experiments.reproduce --experiment=e1 --scale=cpu --out=results/e1
+  python -m experiments.reproduce --experiment=e1 --scale=cpu --out=docs/results/e1 \
+      --runs=docs/results/runs --summary=docs/results/summary.json --workdirs=/tmp/softjax_runs
   python -m experiments.reproduce --experiment=e2 --scale=cpu --out=results/e2
   python -m experiments.reproduce --experiment=e3 --scale=cpu --out=results/e3
   python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
@@ -8,15 +9,20 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
   python -m experiments.reproduce --experiment=e6 --scale=cpu --out=results/e6
   python -m experiments.reproduce --experiment=all --scale=cpu --out=results  # + report.md
   python -m experiments.reproduce --experiment=orthogonality --out=docs/results/orthogonality \
-      --workdirs=/tmp/softjax_orth --seeds=0,1,2,3,4  # SOFT's premise (experiments/orthogonality.py)
+      --runs=docs/results/runs --workdirs=/tmp/softjax_runs  # SOFT's premise
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
-workdir per run under --out, so an interrupted driver resumes every run where it stopped),
-then writes `DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`.
+workdir per run, so an interrupted driver resumes every run where it stopped), then writes
+`DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`. E1 and the
+orthogonality study run each configuration's seeds as one vmapped sweep and keep its per-seed
+summary in RUNS (experiments/seeded.py; a finished one is read, not rerun); E1 writes its
+claims, mean and 95 % half-width per row, to the --summary JSON (experiments/claims.py).
+E2-E6 still run one seed per configuration.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -24,11 +30,13 @@ from typing import Any
 from absl import flags
 
 from configs import e1 as e1_config
+from configs import quickstart
 from configs import tsfa as tsfa_config
-from experiments import common, compression_cost, orthogonality, plots
+from experiments import claims, common, compression_cost, orthogonality, plots, seeded, stats
 from softjax import errors
 from softjax.run import experiment
 
+SEEDS_DEFAULT = (0, 1, 2, 3, 4)
 ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6")
 _EXPERIMENT = flags.DEFINE_enum("experiment", None,
                                 list(ALL_EXPERIMENTS) + ["all", "orthogonality"],
@@ -39,60 +47,171 @@ _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "cpu_v1", "paper", "test"],
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: the config's).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "ViT-B_16.npz", "ViT-B/16 .npz (scale=paper).")
-_RANKS = flags.DEFINE_list("ranks", [], "E2: the fixed ranks (default 1,2,4,8,16,32,64; tsfa "
-                           "compares the same ones).")
+_RANKS = flags.DEFINE_list("ranks", [], "E1: the ranks (default 4,8); E2: the fixed ranks "
+                           "(default 1,2,4,8,16,32,64; tsfa compares the same ones).")
 _TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "orthogonality: seeds, one vmapped sweep.")
+_SEEDS = flags.DEFINE_list("seeds", [str(s) for s in SEEDS_DEFAULT],
+                           "E1 and orthogonality: the seeds, one vmapped sweep per run.")
 _VARIANTS = flags.DEFINE_list("variants", list(orthogonality.VARIANTS),
-                              "orthogonality: the variants to run, in order.")
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "orthogonality: the runs' workdirs (with "
-                                "checkpoints, not to commit); default: --out.")
+                              "E1 and orthogonality: SOFT's variants to run, in order.")
+_RUNS = flags.DEFINE_string("runs", None, "E1 and orthogonality: where each seeded run's "
+                            "summary JSON goes (commit them); default: OUT/runs.")
+_WORKDIRS = flags.DEFINE_string("workdirs", None, "E1 and orthogonality: the runs' workdirs "
+                                "(checkpoints: do not commit); default: --out.")
+_SUMMARY = flags.DEFINE_string("summary", None, "Where the claims JSON goes (records of other "
+                               "experiments kept); default: OUT/summary.json.")
 flags.mark_flags_as_required(["experiment", "out"])
 
-E1_METHODS = ("dense", "soft", "tlora", "rlora", "slora")
+E1_METHODS = ("dense", "tlora", "rlora", "slora")  # and every SOFT variant of the study
 E1_RANKS = (4, 8)
 E1_KEEP_RATIO = 0.5
+REFERENCES = ("centralized", "head_only")  # rows no equal-uplink comparison applies to
 
 
 def _curve(rows: list[dict[str, Any]]) -> dict[str, list]:
-  evaluated = [r for r in rows if "test_accuracy" in r]
-  return {"round": [r["round"] for r in evaluated],
-          "test_accuracy": [r["test_accuracy"] for r in evaluated],
-          "cum_uplink_bits": [r["cum_uplink_bits"] for r in evaluated],
-          "cov_term": [r["cov_term"] for r in rows]}
+  return {**seeded.curve(rows), "cov_term": [r["cov_term"] for r in rows]}
 
 
-def run_e1(out: str, scale: str, rounds: int, checkpoint: str) -> list[dict[str, Any]]:
-  """E1: every method at ranks 4 and 8 with O = 0.5 (dense: O = 1)."""
+def _e1_config(method: str, rank: int, scale: str, rounds: int, checkpoint: str):
+  return e1_config.get_config(f"method={method},rank={rank},scale={scale},"
+                              f"keep_ratio={E1_KEEP_RATIO},rounds={rounds},"
+                              f"checkpoint={checkpoint}")
+
+
+def _reference_config(name: str, scale: str, rounds: int, checkpoint: str, rank: int):
+  """Dense LoRA with one client holding everything, or the head alone (no adapters)."""
+  config = _e1_config("dense", rank, scale, rounds, checkpoint).unlock()
+  if name == "centralized":
+    quickstart.centralize(config)
+  else:
+    config.lora.targets = ""
+  return config.lock()
+
+
+def run_e1(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
+           workdirs: str, ranks=E1_RANKS, variants=tuple(orthogonality.VARIANTS)
+           ) -> list[dict[str, Any]]:
+  """E1's seeded runs: at each rank every method with O = 0.5 (dense: O = 1), the SOFT
+  variants of the orthogonality study, centralized LoRA; and head-only fine-tuning once."""
   records = []
-  for rank in E1_RANKS:
-    compress_time = {}
+  for rank in ranks:
     for method in E1_METHODS:
-      arg = (f"method={method},rank={rank},scale={scale},keep_ratio={E1_KEEP_RATIO},"
-             f"rounds={rounds},checkpoint={checkpoint}")
-      config = e1_config.get_config(arg)
-      summary = experiment.run(config, os.path.join(out, f"{method}_r{rank}"))
-      if not compress_time:
-        compress_time = _compression_times(summary["lora_template"], rank)
-      records.append({
-          "method": method, "rank": rank, "keep_ratio": config.method.keep_ratio,
-          "zeta": config.method.zeta, "final_accuracy": summary["final_accuracy"],
-          "cum_uplink_bits": summary["cum_uplink_bits"],
-          "client_compress_time_s": compress_time.get(method, 0.0),
-          "wall_time_s": summary["wall_time_s"], "curve": _curve(summary["rows"])})
+      config = _e1_config(method, rank, scale, rounds, checkpoint)
+      records.append(seeded.run(f"{method}_r{rank}", config, seeds, runs, workdirs, {
+          "method": method, "rank": rank, "keep_ratio": config.method.keep_ratio}))
+    records += [orthogonality.run_variant(v, seeds, scale, rounds, runs, workdirs, rank)
+                for v in variants]
+    records.append(seeded.run(
+        f"centralized_r{rank}", _reference_config("centralized", scale, rounds, checkpoint, rank),
+        seeds, runs, workdirs, {"method": "centralized", "rank": rank, "keep_ratio": 1.0}))
+  records.append(seeded.run(
+      "head_only", _reference_config("head_only", scale, rounds, checkpoint, ranks[-1]),
+      seeds, runs, workdirs, {"method": "head_only", "rank": 0, "keep_ratio": 1.0}))
   return records
 
 
-def _compression_times(lora_template, rank: int) -> dict[str, float]:
-  """Seconds one client spends compressing its upload, per method, on this run's model."""
-  del rank
+def _ranks(records: list[dict[str, Any]]) -> list[int]:
+  return sorted({r["rank"] for r in records if r["rank"]})
+
+
+def label(record: dict[str, Any]) -> str:
+  """A run's row name: the method, and for SOFT its orthogonality variant."""
+  return f"soft/{record['variant']}" if "variant" in record else record["method"]
+
+
+def accuracy_at_bits(curve: dict[str, list], bits: float) -> float | None:
+  """Test accuracy of the last evaluation whose cumulative uplink is at most `bits`."""
+  reached = [a for a, b in zip(curve["test_accuracy"], curve["cum_uplink_bits"]) if b <= bits]
+  return reached[-1] if reached else None
+
+
+def _mean(xs) -> float:
+  return sum(xs) / len(xs)
+
+
+def e1_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """E1's table rows, per rank group: per-seed values of every compared quantity.
+
+  Equal uplink: B = the smallest mean total uplink among the group's federated runs; each
+  run's accuracy at its last evaluation within B. Target: E4_TARGET_FRACTION of dense's mean
+  final accuracy at that rank; each seed's uplink when it first reaches it (None: never).
+  """
+  done = [r for r in records if "diverged" not in r]
+  rows = []
+  for rank in _ranks(done):
+    group = [r for r in done if r["rank"] == rank]
+    federated = [r for r in group if r["method"] not in REFERENCES]
+    budget = min(_mean(seeded.values(r, "cum_uplink_bits")) for r in federated)
+    dense = next(r for r in group if r["method"] == "dense")
+    target = E4_TARGET_FRACTION * _mean(seeded.values(dense, "final_accuracy"))
+    for r in group:
+      curves = [s["curve"] for s in r["per_seed"]]
+      reference = r["method"] in REFERENCES
+      rows.append({
+          "label": label(r), "method": r["method"], "rank": rank,
+          "keep_ratio": r["keep_ratio"], "seeds": r["seeds"],
+          "final_accuracy": seeded.values(r, "final_accuracy"),
+          "final_accuracy_full": seeded.values(r, "final_accuracy_full"),
+          "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
+          "equal_uplink_mb": budget / 8e6, "target_accuracy": target,
+          "accuracy_at_equal_uplink": None if reference else
+          [accuracy_at_bits(c, budget) for c in curves],
+          "mb_to_target": None if reference else
+          [None if b is None else b / 8e6 for _, b in (first_reaching(c, target)
+                                                         for c in curves)]})
+  rows += [{"label": "head_only", "method": "head_only", "rank": 0, "keep_ratio": 1.0,
+            "seeds": r["seeds"], "final_accuracy": seeded.values(r, "final_accuracy"),
+            "final_accuracy_full": seeded.values(r, "final_accuracy_full"),
+            "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
+            "accuracy_at_equal_uplink": None, "mb_to_target": None}
+           for r in done if r["method"] == "head_only"]
+  return rows
+
+
+def _ci(values, fmt: str = ".4f") -> str:
+  """'mean ± half-width' of the values that are there ('k/n' appended when some are not)."""
+  if values is None:
+    return "-"
+  got = [v for v in values if v is not None]
+  if not got:
+    return f"none of {len(values)}"
+  mean, half = stats.mean_ci95(got)
+  text = format(mean, fmt) + ("" if math.isnan(half) else " ± " + format(half, fmt))
+  return text if len(got) == len(values) else f"{text} ({len(got)}/{len(values)})"
+
+
+def e1_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """summary.json's E1 records: every row's seeded metrics."""
+  out = []
+  for row in rows:
+    for metric in ("final_accuracy", "final_accuracy_full", "uplink_mb",
+                   "accuracy_at_equal_uplink", "mb_to_target"):
+      pairs = [(v, s) for v, s in zip(row[metric] or [], row["seeds"]) if v is not None]
+      if not pairs:
+        continue
+      name = {"accuracy_at_equal_uplink": f"accuracy_at_{row.get('equal_uplink_mb', 0):.3f}_mb",
+              "mb_to_target": f"mb_to_accuracy_{row.get('target_accuracy', 0):.4f}"
+              }.get(metric, metric)
+      out.append(claims.claim("e1", row["label"], row["rank"], row["keep_ratio"], name,
+                              [v for v, _ in pairs], [s for _, s in pairs]))
+  return out
+
+
+def _compression_times(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+  """Seconds one client spends compressing its upload, per (method, rank), on this machine."""
   import jax  # local: only needed here
   import jax.numpy as jnp
 
-  glob = jax.tree.map(lambda x: 0.01 * jnp.ones(x.shape, x.dtype), lora_template)
-  local = jax.tree.map(lambda x: x + 0.01, glob)
-  return {m: (compression_cost.time_compress(m, glob, local, E1_KEEP_RATIO, repeats=5)
-              if m != "dense" else 0.0) for m in E1_METHODS}
+  times = {}
+  for rank in _ranks(records):
+    shapes = next(r["lora_shapes"] for r in records if r["rank"] == rank and "lora_shapes" in r)
+    glob = jax.tree.map(lambda s: 0.01 * jnp.ones(s), shapes, is_leaf=lambda x: isinstance(
+        x, list) and all(isinstance(d, int) for d in x))
+    local = jax.tree.map(lambda x: x + 0.01, glob)
+    for method in ("soft", "tlora", "rlora", "slora"):
+      times[method, rank] = compression_cost.time_compress(method, glob, local, E1_KEEP_RATIO,
+                                                           repeats=5)
+  return times
 
 
 def markdown_table(columns, records) -> str:
@@ -111,12 +230,24 @@ def _num(key: str, fmt: str):
   return lambda r: "-" if r[key] is None else format(r[key], fmt)
 
 
-def e1_table(records: list[dict[str, Any]]) -> str:
+def e1_table(rows: list[dict[str, Any]], compress_s: dict[tuple[str, int], float]) -> str:
+  """Mean ± 95 % half-width over the seeds; equal-uplink columns per rank group."""
+  groups = ", ".join(f"r = {r['rank']}: {r['equal_uplink_mb']:.3f} MB and accuracy "
+                     f"{r['target_accuracy']:.4f}" for r in rows
+                     if r["method"] == "dense")
+  compress = lambda r: (f"{compress_s[r['method'], r['rank']] * 1e3:.3f}"
+                        if (r["method"], r["rank"]) in compress_s else "-")
   return markdown_table([
-      ("method", lambda r: r["method"]), ("rank", _num("rank", "d")),
-      ("O", _num("keep_ratio", ".2f")), ("final accuracy", _num("final_accuracy", ".4f")),
-      ("uplink (MB)", _mb("cum_uplink_bits")),
-      ("client compress (ms)", lambda r: f"{r['client_compress_time_s'] * 1e3:.3f}")], records)
+      ("method", lambda r: r["label"]), ("rank", lambda r: str(r["rank"] or "-")),
+      ("O", _num("keep_ratio", ".2f")), ("seeds", lambda r: str(len(r["seeds"]))),
+      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
+      ("whole test split", lambda r: _ci(r["final_accuracy_full"] or None)),
+      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f")),
+      ("accuracy at equal uplink", lambda r: _ci(r["accuracy_at_equal_uplink"])),
+      ("MB to target", lambda r: _ci(r["mb_to_target"], ".2f")),
+      ("client compress (ms)", compress)], rows) + (
+      f"\nEqual uplink and target per rank group ({groups}); compression timed on this "
+      "machine when the table was written.\n")
 
 
 E2_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -331,10 +462,14 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
   os.makedirs(out, exist_ok=True)
   args = (out, scale, rounds, checkpoint)
   if name == "e1":
-    records = run_e1(*args)
-    table, plot = e1_table(records), "e1_accuracy.png"
-    plots.accuracy_curves(records, os.path.join(out, plot),
-                          title=f"E1: keep ratio {E1_KEEP_RATIO}")
+    runs = run_e1(scale, rounds, checkpoint, *_seeded_dirs(out),
+                  ranks=[int(r) for r in _RANKS.value] or E1_RANKS, variants=_variants())
+    records = e1_rows(runs)
+    claims.update(_SUMMARY.value or os.path.join(out, "summary.json"), "e1",
+                  e1_claims(records))
+    table, plot = e1_table(records, _compression_times(runs)), "e1_accuracy.png"
+    plots.accuracy_curves([r for r in runs if "diverged" not in r], label,
+                          os.path.join(out, plot), title=f"E1: keep ratio {E1_KEEP_RATIO}")
   elif name == "e2":
     ranks = [int(r) for r in _RANKS.value] or list(E2_RANKS)
     records = run_e2(*args, ranks)
@@ -387,19 +522,32 @@ def run_all(out: str, scale: str, rounds: int, checkpoint: str) -> str:
   return report
 
 
-def _run_orthogonality(out: str) -> str:
-  unknown = [v for v in _VARIANTS.value if v not in orthogonality.VARIANTS]
-  if unknown:
-    raise errors.UserError(f"--variants has unknown names {unknown}; allowed: "
-                           f"{', '.join(orthogonality.VARIANTS)}")
+def _seeded_dirs(out: str) -> tuple[list[int], str, str]:
+  """(--seeds, --runs, --workdirs) with their defaults under `out`."""
   try:
     seeds = [int(s) for s in _SEEDS.value]
   except ValueError:
     raise errors.UserError(f"--seeds must be integers, got {_SEEDS.value}") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise errors.UserError(f"--seeds must be distinct integers, got {_SEEDS.value}")
+  return seeds, _RUNS.value or os.path.join(out, "runs"), _WORKDIRS.value or out
+
+
+def _variants() -> list[str]:
+  unknown = [v for v in _VARIANTS.value if v not in orthogonality.VARIANTS]
+  if unknown:
+    raise errors.UserError(f"--variants has unknown names {unknown}; allowed: "
+                           f"{', '.join(orthogonality.VARIANTS)}")
+  return _VARIANTS.value
+
+
+def _run_orthogonality(out: str) -> str:
+  variants = _variants()
   if _SCALE.value == "paper":
     raise errors.UserError("--experiment=orthogonality runs at --scale=cpu or test")
-  return orthogonality.run_all(out, _WORKDIRS.value or out, seeds, _VARIANTS.value,
-                               _SCALE.value, _ROUNDS.value)
+  seeds, runs, workdirs = _seeded_dirs(out)
+  return orthogonality.run_all(out, runs, workdirs, seeds, variants, _SCALE.value,
+                               _ROUNDS.value)
 
 
 def main(argv):

@@ -195,21 +195,65 @@ def reproduce(cache_dir, out, experiment_name, *flags):
 
 
 @pytest.mark.slow
-def test_e1_driver_writes_records_table_and_plot(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e1"), "e1", "--rounds=2")
-  records = json.load(open(os.path.join(out, "e1.json")))
-  assert {(r["method"], r["rank"]) for r in records} == {
-      (m, r) for m in ("dense", "soft", "tlora", "rlora", "slora") for r in (4, 8)}
-  for r in records:
-    assert {"method", "rank", "keep_ratio", "final_accuracy", "cum_uplink_bits",
-            "client_compress_time_s", "curve"} <= set(r)
-  by = {(r["method"], r["rank"]): r for r in records}
-  # O = 0.5 sends fewer bits than dense. Compression times are recorded, never compared here:
-  # speed belongs to the benchmarks (at test scale the two are within noise of each other).
-  assert by[("soft", 8)]["cum_uplink_bits"] < by[("dense", 8)]["cum_uplink_bits"]
-  assert all(r["client_compress_time_s"] > 0 for r in records if r["method"] != "dense")
+def test_e1_driver_writes_seeded_runs_claims_table_and_plot(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e1"), "e1", "--rounds=2", "--seeds=0,1",
+                  "--ranks=4", "--variants=reorth")
+  names = {"dense_r4", "tlora_r4", "rlora_r4", "slora_r4", "soft_r4_reorth", "centralized_r4",
+           "head_only"}
+  assert {f[:-5] for f in os.listdir(os.path.join(out, "runs"))} == names
+  for name in names:  # one vmapped sweep per run: both seeds in one summary
+    run = json.load(open(os.path.join(out, "runs", f"{name}.json")))
+    assert run["seeds"] == [0, 1] and len(run["per_seed"]) == 2
+  rows = {r["label"]: r for r in json.load(open(os.path.join(out, "e1.json")))}
+  assert set(rows) == {"dense", "tlora", "rlora", "slora", "soft/reorth", "centralized",
+                       "head_only"}
+  # O = 0.5 sends fewer bits than dense; the equal-uplink budget is the cheapest run's.
+  assert max(rows["soft/reorth"]["uplink_mb"]) < min(rows["dense"]["uplink_mb"])
+  assert rows["dense"]["equal_uplink_mb"] == pytest.approx(
+      min(sum(r["uplink_mb"]) / 2 for r in rows.values()
+          if r["method"] not in ("centralized", "head_only")))
+  assert rows["head_only"]["accuracy_at_equal_uplink"] is None
+  claims = json.load(open(os.path.join(out, "summary.json")))
+  keys = {"experiment", "method", "rank", "keep_ratio", "metric", "mean", "ci95", "n_seeds",
+          "seeds", "command"}
+  assert all(set(c) == keys and c["experiment"] == "e1" for c in claims)
+  final = {c["method"]: c for c in claims if c["metric"] == "final_accuracy"}
+  assert set(final) == set(rows) and final["tlora"]["seeds"] == [0, 1]
+  assert final["tlora"]["mean"] == pytest.approx(sum(rows["tlora"]["final_accuracy"]) / 2)
+  assert final["tlora"]["command"].startswith("python -m experiments.reproduce --experiment=e1")
+  table = open(os.path.join(out, "e1.md")).read()
+  assert "| soft/reorth | 4 | 0.50 | 2 |" in table and "| head_only | - |" in table
   assert os.path.getsize(os.path.join(out, "e1_accuracy.png")) > 10_000
-  assert "| soft | 8 | 0.50 |" in open(os.path.join(out, "e1.md")).read()
+
+
+def _seeded_run(method, rank, accs, bits, **fields):
+  """A seeded-run record with one curve per seed: accs[s][k] at cumulative uplink bits[k]."""
+  return {"method": method, "rank": rank, "keep_ratio": 0.5, "seeds": list(range(len(accs))),
+          **fields, "per_seed": [
+              {"final_accuracy": a[-1], "final_accuracy_full": None, "cum_uplink_bits": bits[-1],
+               "curve": {"round": [1, 2, 3], "test_accuracy": a, "cum_uplink_bits": bits}}
+              for a in accs]}
+
+
+def test_e1_rows_compare_at_equal_uplink_and_to_a_target_by_hand():
+  from experiments import reproduce as reproduce_lib
+  mb = 8e6
+  dense = _seeded_run("dense", 4, [[0.5, 0.6, 0.8], [0.5, 0.7, 0.8]], [2 * mb, 4 * mb, 6 * mb])
+  soft = _seeded_run("soft", 4, [[0.4, 0.7, 0.78], [0.3, 0.5, 0.79]], [1 * mb, 2 * mb, 3 * mb],
+                     variant="reorth")
+  head = _seeded_run("head_only", 0, [[0.2, 0.3, 0.4], [0.2, 0.3, 0.5]], [0.1 * mb] * 3)
+  rows = {r["label"]: r for r in reproduce_lib.e1_rows([dense, soft, head])}
+  # Equal uplink B = 3 MB (SOFT's total): dense's last evaluation within it is at 2 MB.
+  assert rows["dense"]["equal_uplink_mb"] == 3.0
+  assert rows["dense"]["accuracy_at_equal_uplink"] == [0.5, 0.5]
+  assert rows["soft/reorth"]["accuracy_at_equal_uplink"] == [0.78, 0.79]
+  # Target 0.97 x 0.8 = 0.776: dense reaches it at 6 MB; SOFT at 3 MB in both seeds.
+  assert rows["dense"]["target_accuracy"] == pytest.approx(0.776)
+  assert rows["dense"]["mb_to_target"] == [6.0, 6.0]
+  assert rows["soft/reorth"]["mb_to_target"] == [3.0, 3.0]
+  assert rows["head_only"]["mb_to_target"] is None
+  assert reproduce_lib._ci([3.0, None], ".2f") == "3.00 (1/2)"
+  assert reproduce_lib._ci([None, None]) == "none of 2"
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from experiments import orthogonality, stats
+from experiments import orthogonality, seeded, stats
+from softjax import errors
 from softjax.run import experiment
 
 
@@ -33,21 +34,51 @@ def test_final_accuracy_is_the_mean_of_the_last_three_evaluations():
 def test_driver_runs_a_seed_sweep_writes_its_summary_and_resumes(cache_dir, tmp_path,
                                                                   monkeypatch):
   monkeypatch.setenv("SOFTJAX_CACHE_DIR", cache_dir)
-  out, workdirs = str(tmp_path / "out"), str(tmp_path / "runs")
-  text = orthogonality.run_all(out, workdirs, [0, 1], ["reorth"], "test", 2)
-  with open(os.path.join(out, "reorth.json")) as f:
+  out, runs, workdirs = (str(tmp_path / d) for d in ("out", "runs", "work"))
+  text = orthogonality.run_all(out, runs, workdirs, [0, 1], ["reorth"], "test", 2)
+  with open(os.path.join(runs, "soft_r8_reorth.json")) as f:
     record = json.load(f)
   assert record["seeds"] == [0, 1] and len(record["per_seed"]) == 2
+  assert (record["method"], record["rank"], record["variant"]) == ("soft", 8, "reorth")
   for seed in record["per_seed"]:
     assert seed["orth_residual_B"] < 1e-3 and seed["orth_residual_A"] < 1e-3
     assert 0 <= seed["dropped_share"] < 1
+    assert seed["curve"]["round"][-1] == 2 and seed["cum_uplink_bits"] > 0
   assert "| reorth | offdiag | 0 | yes | 2 |" in text
+  assert open(os.path.join(out, "orthogonality.md")).read() == text
 
   def no_rerun(*args, **kwargs):
     raise AssertionError("a finished variant ran again")
 
   monkeypatch.setattr(experiment, "run", no_rerun)
-  assert orthogonality.run_all(out, workdirs, [0, 1], ["reorth"], "test", 2) == text
+  assert orthogonality.run_all(out, runs, workdirs, [0, 1], ["reorth"], "test", 2) == text
+  # A summary with other seeds is not silently reused.
+  with pytest.raises(errors.UserError, match="holds seeds \\[0, 1\\]"):
+    orthogonality.run_all(out, runs, workdirs, [0, 1, 2], ["reorth"], "test", 2)
+
+
+def test_a_damaged_run_summary_is_named_in_one_line(tmp_path):
+  (tmp_path / "soft_r8_reorth.json").write_text('{"seeds": [0, 1], "per_')
+  with pytest.raises(errors.UserError, match="soft_r8_reorth.json is not a readable run "
+                     "summary .*delete it"):
+    orthogonality.run_variant("reorth", [0, 1], "test", 2, str(tmp_path), str(tmp_path))
+
+
+def test_seed_record_by_hand():
+  rows = [{"round": t, "cum_uplink_bits": 100 * t, "orth_residual_B": 0.1 * t,
+           "orth_residual_A": 0.0, "score_gap": 0.5, "dropped_energy": 1.0,
+           "score_energy": 4.0, **({"test_accuracy": 0.1 * t} if t % 2 == 0 else {})}
+          for t in range(1, 31)]
+  rows[-1]["test_accuracy_full"] = 0.33
+  record = seeded.seed_record(rows)
+  assert record["final_accuracy"] == pytest.approx((2.6 + 2.8 + 3.0) / 3)
+  assert record["final_accuracy_full"] == 0.33 and record["cum_uplink_bits"] == 3000
+  assert record["curve"]["round"] == list(range(2, 31, 2))
+  # Diagnostics over the last 20 rounds (11..30): mean of 0.1 t is 2.05.
+  assert record["orth_residual_B"] == pytest.approx(2.05)
+  assert record["dropped_share"] == pytest.approx(0.25) and record["score_gap"] == 0.5
+  assert "orth_residual_B" not in seeded.seed_record(
+      [dict(r, score_energy=0.0) for r in rows])  # nothing scored: not a SOFT run
 
 
 @pytest.mark.slow

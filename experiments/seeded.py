@@ -1,0 +1,141 @@
+"""Seeded runs: one configuration's seeds as one vmapped sweep, kept as a small JSON summary.
+
+A run has a name (`soft_r8_reorth`, `tlora_r4`); its checkpoints live in WORKDIRS/<name>
+(resumed where they stopped; never committed), and when it finishes its per-seed summary is
+written to RUNS/<name>.json (a few kB: commit it). A run whose summary exists is read, not run
+again, so an interrupted suite resumes instead of repeating, and experiments that share a
+configuration (E1's SOFT rows and the orthogonality study) share its run.
+
+Per seed the summary keeps what every table is computed from:
+  final_accuracy       mean test accuracy of the last 3 evaluations (stats.final_accuracy),
+  final_accuracy_full  the whole test split in the last round (None without an eval subset),
+  cum_uplink_bits      bits uploaded over the run,
+  curve                {round, test_accuracy, cum_uplink_bits} of the evaluated rounds,
+and, for SOFT, the orthogonality diagnostics averaged over the last TAIL_ROUNDS rounds:
+the global factors' residuals for B and A, the gap between SOFT's scores and the singular
+values of what clients score, and the share of the score energy a client drops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from experiments import stats
+from softjax import errors
+from softjax.run import experiment
+
+TAIL_ROUNDS = 20
+SOFT_DIAGNOSTICS = ("orth_residual_B", "orth_residual_A", "score_gap", "dropped_share")
+
+
+def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:
+  """The config with its seeds as one sweep (a single seed runs plain)."""
+  config = config.unlock()
+  if len(seeds) > 1:
+    config.sweep.seed = ",".join(map(str, seeds))
+  else:
+    config.seed = seeds[0]
+  return config.lock()
+
+
+def curve(rows: list[dict[str, Any]]) -> dict[str, list]:
+  """{round, test_accuracy, cum_uplink_bits} of the evaluated rows."""
+  evaluated = [r for r in rows if "test_accuracy" in r]
+  return {"round": [r["round"] for r in evaluated],
+          "test_accuracy": [r["test_accuracy"] for r in evaluated],
+          "cum_uplink_bits": [r["cum_uplink_bits"] for r in evaluated]}
+
+
+def _tail_mean(rows: list[dict[str, Any]], value) -> float:
+  tail = rows[-TAIL_ROUNDS:]
+  return sum(value(r) for r in tail) / len(tail)
+
+
+def _dropped_share(row: dict[str, Any]) -> float:
+  return row["dropped_energy"] / row["score_energy"] if row["score_energy"] else 0.0
+
+
+def seed_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """One seed's summary (the fields of the module docstring)."""
+  evaluated = [r for r in rows if "test_accuracy" in r]
+  record = {"final_accuracy": stats.final_accuracy(rows),
+            "final_accuracy_full": evaluated[-1].get("test_accuracy_full"),
+            "cum_uplink_bits": rows[-1]["cum_uplink_bits"], "curve": curve(rows)}
+  if rows[-1].get("score_energy"):  # a SOFT run scored components
+    record.update({
+        "orth_residual_B": _tail_mean(rows, lambda r: r["orth_residual_B"]),
+        "orth_residual_A": _tail_mean(rows, lambda r: r["orth_residual_A"]),
+        "score_gap": _tail_mean(rows, lambda r: r["score_gap"]),
+        "dropped_share": _tail_mean(rows, _dropped_share)})
+  return record
+
+
+def _members(summary: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+  return summary.get("members") or [dict(summary, setting={"seed": seeds[0]})]
+
+
+def _load(path: str, seeds: list[int]) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    kept = record["seeds"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise errors.UserError(f"{path} is not a readable run summary ({e}); delete it to run "
+                           "that configuration again") from None
+  if kept != seeds:
+    raise errors.UserError(f"{path} holds seeds {kept}, not the {seeds} asked for; pass "
+                           f"--seeds={','.join(map(str, kept))} or delete the file to rerun")
+  return record
+
+
+def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir: str,
+        workdirs: str, fields: dict[str, Any]) -> dict[str, Any]:
+  """RUNS/<name>.json, run first (as one sweep over `seeds`) if it is not there.
+
+  Args:
+    name: the run's file and workdir name.
+    config: the configuration (its seed fields are replaced by `seeds`).
+    seeds: the seeds, one vmapped sweep.
+    runs_dir: where the summaries are written (commit them).
+    workdirs: where the runs' checkpoints and metrics live.
+    fields: what identifies the configuration in the record (method, rank, ...).
+
+  Returns:
+    {name, **fields, seeds, per_seed: [seed_record], lora_shapes (the LoRA tree's shapes),
+    wall_time_s}, or, when the loss went non-finite (a measured outcome too: recorded, not
+    retried), {name, **fields, seeds, diverged}.
+  """
+  path = os.path.join(runs_dir, f"{name}.json")
+  if os.path.exists(path):
+    return _load(path, seeds)
+  record = {"name": name, **fields, "seeds": seeds}
+  try:
+    summary = experiment.run(with_seeds(config, seeds), os.path.join(workdirs, name))
+  except errors.NonFiniteLossError as e:
+    record["diverged"] = str(e)
+  else:
+    members = _members(summary, seeds)
+    record.update(seeds=[m["setting"]["seed"] for m in members],
+                  per_seed=[seed_record(m["rows"]) for m in members],
+                  lora_shapes=jax.tree.map(lambda x: list(x.shape), summary["lora_template"]),
+                  wall_time_s=summary["wall_time_s"])
+  os.makedirs(runs_dir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def values(record: dict[str, Any], key: str) -> list[float]:
+  """The per-seed values of `key` (seeds where it is None left out)."""
+  return [s[key] for s in record["per_seed"] if s.get(key) is not None]
+
+
+def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
+  """(mean, 95 % Student-t half-width) of `key` over the seeds, None if no seed has it."""
+  got = values(record, key)
+  return stats.mean_ci95(got) if got else None
