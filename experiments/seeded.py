@@ -107,7 +107,8 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
 
   Returns:
     {name, **fields, seeds, per_seed: [seed_record], lora_shapes (the LoRA tree's shapes),
-    wall_time_s}, or, when the loss went non-finite (a measured outcome too: recorded, not
+    round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s
+    (this invocation's, short when it resumed a finished workdir)}, or, when the loss went non-finite (a measured outcome too: recorded, not
     retried), {name, **fields, seeds, diverged}.
   """
   path = os.path.join(runs_dir, f"{name}.json")
@@ -123,6 +124,7 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
     record.update(seeds=[m["setting"]["seed"] for m in members],
                   per_seed=[seed_record(m["rows"]) for m in members],
                   lora_shapes=jax.tree.map(lambda x: list(x.shape), summary["lora_template"]),
+                  round_time_s=sum(r["round_time_s"] for r in members[0]["rows"]),
                   wall_time_s=summary["wall_time_s"])
   os.makedirs(runs_dir, exist_ok=True)
   with open(path, "w") as f:
