@@ -24,6 +24,12 @@ def _seed_band(curves: Sequence[dict[str, list]], key: str) -> tuple[np.ndarray,
   return values.mean(axis=0), half
 
 
+def _half_width(values: Sequence[float]) -> float:
+  """Student-t 95 % half-width of the mean of `values` (0 for one value)."""
+  n = len(values)
+  return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
 def accuracy_curves(records: Sequence[dict[str, Any]], label, path: str,
                     title: str = "") -> None:
   """Test accuracy vs round and vs cumulative uplink: per seeded run the mean over its seeds
@@ -64,30 +70,39 @@ def _finish(fig, axes, title: str, path: str) -> None:
   plt.close(fig)
 
 
-def accuracy_vs_rank(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-  """E2: final accuracy of each fixed-rank run against its rank, TSFA's choice marked, and
-  each run's virtual queue over the rounds.
+def accuracy_vs_rank(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E2: final accuracy (mean over seeds, 95 % interval) of each fixed rank, TSFA's at its
+  most frequent rbar; and each run's seed-mean virtual queue over the rounds with its band.
 
-  Records hold `method` (osfa | tsfa), `rank`, `final_accuracy` and `queue` (per round).
+  Rows hold `method` (osfa | tsfa), `rank` (None for tsfa), `seed_ranks`, and per seed
+  `final_accuracy` and `queue` (per round).
   """
   fig, (acc, queue) = plt.subplots(1, 2, figsize=(11, 4))
-  fixed = sorted((r for r in records if r["method"] != "tsfa"), key=lambda r: r["rank"])
-  acc.plot([r["rank"] for r in fixed], [r["final_accuracy"] for r in fixed], "o-",
-           label="OSFA (fixed rank)")
-  for r in records:
+  fixed = sorted((r for r in rows if r["method"] != "tsfa"), key=lambda r: r["rank"])
+  means = [np.mean(r["final_accuracy"]) for r in fixed]
+  halves = [_half_width(r["final_accuracy"]) for r in fixed]
+  acc.errorbar([r["rank"] for r in fixed], means, yerr=halves, fmt="o-", capsize=3,
+               label="OSFA (fixed rank)")
+  for r in rows:
     if r["method"] == "tsfa":
-      acc.plot([r["rank"]], [r["final_accuracy"]], "r*", markersize=14,
-               label=f"TSFA (rbar = {r['rank']})")
+      rbar = max(set(r["seed_ranks"]), key=r["seed_ranks"].count)
+      acc.errorbar([rbar], [np.mean(r["final_accuracy"])], yerr=[_half_width(
+          r["final_accuracy"])], fmt="r*", markersize=14, capsize=3,
+          label=f"TSFA (rbar = {rbar} in {r['seed_ranks'].count(rbar)}/"
+                f"{len(r['seed_ranks'])} seeds)")
   acc.set_xscale("log", base=2)
   acc.set_xlabel("LoRA rank")
   acc.set_ylabel("final test accuracy")
   acc.legend(fontsize=8)
-  for i, r in enumerate(records):
-    style = "-" if r["method"] == "tsfa" else ":"
-    queue.plot(range(1, len(r["queue"]) + 1), r["queue"], style, color=f"C{i % 10}",
-               label=f"{r['method']} r={r['rank']}")
+  for i, r in enumerate(rows):
+    mean, half = _seed_band([{"q": q} for q in r["queue"]], "q")
+    t = np.arange(1, len(mean) + 1)
+    name = "tsfa" if r["method"] == "tsfa" else f"osfa r={r['rank']}"
+    queue.plot(t, mean, "-" if r["method"] == "tsfa" else ":", color=f"C{i % 10}", label=name)
+    queue.fill_between(t, mean - half, mean + half, color=f"C{i % 10}", alpha=0.15,
+                       linewidth=0)
   queue.set_xlabel("round")
-  queue.set_ylabel("virtual queue Q")
+  queue.set_ylabel("virtual queue Q (mean over seeds)")
   queue.legend(fontsize=7, ncol=2)
   _finish(fig, (acc, queue), title, path)
 

@@ -2,7 +2,9 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
   python -m experiments.reproduce --experiment=e1 --scale=cpu --out=docs/results/e1 \
       --runs=docs/results/runs --summary=docs/results/summary.json --workdirs=/tmp/softjax_runs
-  python -m experiments.reproduce --experiment=e2 --scale=cpu --out=results/e2
+  python -m experiments.reproduce --experiment=e2 --scale=cpu --out=docs/results/e2 \
+      --ranks=2,4,8,16 --runs=docs/results/runs --summary=docs/results/summary.json \
+      --workdirs=/tmp/softjax_runs
   python -m experiments.reproduce --experiment=e3 --scale=cpu --out=results/e3
   python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
   python -m experiments.reproduce --experiment=e5 --scale=cpu --out=results/e5
@@ -13,11 +15,11 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run, so an interrupted driver resumes every run where it stopped), then writes
-`DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`. E1 and the
+`DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`. E1, E2 and the
 orthogonality study run each configuration's seeds as one vmapped sweep and keep its per-seed
-summary in RUNS (experiments/seeded.py; a finished one is read, not rerun); E1 writes its
-claims, mean and 95 % half-width per row, to the --summary JSON (experiments/claims.py).
-E2-E6 still run one seed per configuration.
+summary in RUNS (experiments/seeded.py; a finished one is read, not rerun); E1 and E2 write
+their claims, mean and 95 % half-width per row, to the --summary JSON (experiments/claims.py).
+E3-E6 still run one seed per configuration.
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ _RANKS = flags.DEFINE_list("ranks", [], "E1: the ranks (default 4,8); E2: the fi
                            "(default 1,2,4,8,16,32,64; tsfa compares the same ones).")
 _TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best).")
 _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in SEEDS_DEFAULT],
-                           "E1 and orthogonality: the seeds, one vmapped sweep per run.")
+                           "E1, E2 and orthogonality: the seeds, one vmapped sweep per run.")
 _VARIANTS = flags.DEFINE_list("variants", list(orthogonality.VARIANTS),
                               "E1 and orthogonality: SOFT's variants to run, in order.")
-_RUNS = flags.DEFINE_string("runs", None, "E1 and orthogonality: where each seeded run's "
+_RUNS = flags.DEFINE_string("runs", None, "E1, E2, orthogonality: where each seeded run's "
                             "summary JSON goes (commit them); default: OUT/runs.")
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "E1 and orthogonality: the runs' workdirs "
+_WORKDIRS = flags.DEFINE_string("workdirs", None, "E1, E2, orthogonality: the runs' workdirs "
                                 "(checkpoints: do not commit); default: --out.")
 _SUMMARY = flags.DEFINE_string("summary", None, "Where the claims JSON goes (records of other "
                                "experiments kept); default: OUT/summary.json.")
@@ -255,63 +257,110 @@ E4_EVAL_EVERY = {"cpu": 4, "cpu_v1": 4, "paper": 5, "test": 1}  # finer than the
 E4_TARGET_FRACTION = 0.97  # [choice] default target: this share of dense's best accuracy
 
 
-def _tsfa_run(out: str, name: str, arg: str, **overrides):
-  """One configs/tsfa.py run in DIR/name (resumed if it is there).
-
-  `overrides` set config fields the `:arg` syntax cannot carry (comma lists), written
-  `section__field=value`.
-  """
+def _tsfa_config(arg: str, **overrides):
+  """A configs/tsfa.py config; `overrides` set fields the `:arg` syntax cannot carry (comma
+  lists), written `section__field=value`."""
   config = tsfa_config.get_config(arg).unlock()
   for key, value in overrides.items():
     section, field = key.split("__")
     config[section][field] = value
-  config.lock()
-  return experiment.run(config, os.path.join(out, name))
+  return config.lock()
+
+
+def _tsfa_run(out: str, name: str, arg: str, **overrides):
+  """One configs/tsfa.py run in DIR/name (resumed if it is there)."""
+  return experiment.run(_tsfa_config(arg, **overrides), os.path.join(out, name))
 
 
 def _controlled_run_record(summary: dict[str, Any]) -> dict[str, Any]:
-  """What E2, E5 and E6 report of a run (or a sweep member) under a latency budget."""
-  rows = summary["rows"]
-  return {"rank": summary["rank"], "final_accuracy": summary["final_accuracy"],
-          "mean_latency_s": summary["mean_latency_s"],
-          "latency_budget_s": summary["latency_budget_s"],
-          "latency_over_budget": summary["mean_latency_s"] / summary["latency_budget_s"],
-          "max_queue": summary["max_queue"], "final_queue": rows[-1]["queue"],
-          "cum_uplink_bits": summary["cum_uplink_bits"],
-          "mean_keep_ratio": float(sum(r["keep_ratio"] for r in rows) / len(rows)),
-          "fallbacks": sum(r["fallbacks"] for r in rows),
-          "queue": [r["queue"] for r in rows], "curve": _curve(rows)}
+  """What E3-E6 report of a run (or a sweep member) under a latency budget."""
+  record = seeded.seed_record(summary)
+  record["final_accuracy"] = summary["final_accuracy"]  # E3-E6 still read their last round
+  record["curve"] = _curve(summary["rows"])
+  return record
 
 
-def run_e2(out: str, scale: str, rounds: int, checkpoint: str, ranks) -> list[dict[str, Any]]:
-  """E2: OSFA at every fixed rank vs TSFA (rank from the offline stage), one budget for all."""
+def run_e2(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
+           workdirs: str, ranks) -> list[dict[str, Any]]:
+  """E2's seeded runs: OSFA at every fixed rank, and TSFA choosing among the same ranks, one
+  budget for all."""
   common_arg = f"scale={scale},rounds={rounds},checkpoint={checkpoint}"
-  records = []
-  runs = [("osfa", r) for r in ranks] + [("tsfa", None)]
-  for controller, rank in runs:
-    arg = f"controller={controller},{common_arg}" + (f",rank={rank}" if rank else "")
-    # TSFA compares exactly the ranks OSFA runs at.
-    summary = _tsfa_run(out, f"{controller}_r{rank}" if rank else controller, arg,
-                        controller__rank_candidates=",".join(str(r) for r in ranks))
-    records.append({"method": controller, **_controlled_run_record(summary),
-                    "offline": summary["offline"]})
-  rbar = next(r["rank"] for r in records if r["method"] == "tsfa")
-  for r in records:
-    r["is_rbar"] = r["rank"] == rbar
-  return records
+  candidates = ",".join(str(r) for r in ranks)
+  plan = [(f"e2_osfa_r{r}", f"controller=osfa,rank={r}", {"method": "osfa", "rank": r})
+          for r in ranks] + [("e2_tsfa", "controller=tsfa", {"method": "tsfa", "rank": None})]
+  return [seeded.run(name, _tsfa_config(f"{arg},{common_arg}",
+                                        controller__rank_candidates=candidates),
+                     seeds, runs, workdirs, {**fields, "keep_ratio": None, "ranks": list(ranks)})
+          for name, arg, fields in plan]
 
 
-def e2_table(records: list[dict[str, Any]]) -> str:
+def tied_with_best(fixed: list[dict[str, Any]], alpha: float = 0.05) -> tuple[int, list[int]]:
+  """(best rank, ranks statistically tied with it): the fixed rank of highest mean final
+  accuracy, and every rank whose Welch t-test against it does not reject equal means at
+  `alpha` (the best included)."""
+  accs = {r["rank"]: seeded.values(r, "final_accuracy") for r in fixed}
+  best = max(accs, key=lambda k: sum(accs[k]) / len(accs[k]))
+  tied = [k for k in sorted(accs) if k == best or stats.welch_p(accs[k], accs[best]) >= alpha]
+  return best, tied
+
+
+def e2_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """E2's rows: per run its per-seed values; TSFA's per-seed rbar against the tied ranks."""
+  done = [r for r in records if "diverged" not in r]
+  fixed = [r for r in done if r["method"] == "osfa"]
+  best, tied = tied_with_best(fixed)
+  rows = []
+  for r in done:
+    ranks = seeded.values(r, "rank")
+    rows.append({"label": r["method"], "method": r["method"], "rank": r["rank"],
+                 "keep_ratio": None, "seeds": r["seeds"], "seed_ranks": ranks,
+                 "best_rank": best, "tied_ranks": tied,
+                 "in_tied": [k in tied for k in ranks],
+                 **{key: seeded.values(r, key) for key in E2_METRICS},
+                 "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
+                 "queue": seeded.values(r, "queue")})
+  return rows
+
+
+E2_METRICS = ("final_accuracy", "latency_over_budget", "max_queue", "final_queue",
+              "mean_keep_ratio")
+
+
+def _rank_cell(row: dict[str, Any]) -> str:
+  if row["method"] != "tsfa":
+    return str(row["rank"]) + (" (best)" if row["rank"] == row["best_rank"] else "")
+  counts = {k: row["seed_ranks"].count(k) for k in sorted(set(row["seed_ranks"]))}
+  return "rbar " + ", ".join(f"{k} ({n}/{len(row['seed_ranks'])})" for k, n in counts.items())
+
+
+def e2_table(rows: list[dict[str, Any]]) -> str:
+  tied = rows[0]["tied_ranks"]
   return markdown_table([
-      ("method", lambda r: r["method"]),
-      ("rank", lambda r: f"{r['rank']}" + (" (rbar)" if r["is_rbar"] else "")),
-      ("final accuracy", _num("final_accuracy", ".4f")),
-      ("mean latency (s)", _num("mean_latency_s", ".4f")),
-      ("budget (s)", _num("latency_budget_s", ".4f")),
-      ("mean / budget", _num("latency_over_budget", ".3f")),
-      ("max queue", _num("max_queue", ".2f")), ("final queue", _num("final_queue", ".2f")),
-      ("mean O", _num("mean_keep_ratio", ".3f")), ("uplink (MB)", _mb("cum_uplink_bits"))],
-      records)
+      ("method", lambda r: r["method"]), ("rank", _rank_cell),
+      ("seeds", lambda r: str(len(r["seeds"]))),
+      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
+      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f")),
+      ("max queue", lambda r: _ci(r["max_queue"], ".2f")),
+      ("final queue", lambda r: _ci(r["final_queue"], ".2f")),
+      ("mean O", lambda r: _ci(r["mean_keep_ratio"], ".3f")),
+      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f")),
+      ("rank tied with best", lambda r: f"{sum(r['in_tied'])}/{len(r['in_tied'])}")], rows) + (
+      f"\nTied with the best fixed rank ({rows[0]['best_rank']}): ranks "
+      f"{', '.join(map(str, tied))} (Welch t-test of final accuracy, p >= 0.05).\n")
+
+
+def e2_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """summary.json's E2 records; TSFA's rank is its most frequent rbar."""
+  out = []
+  for row in rows:
+    rank = row["rank"] or max(set(row["seed_ranks"]), key=row["seed_ranks"].count)
+    for metric in E2_METRICS + ("uplink_mb",):
+      out.append(claims.claim("e2", row["label"], rank, None, metric, row[metric],
+                              row["seeds"]))
+    if row["method"] == "tsfa":
+      out.append(claims.claim("e2", "tsfa", rank, None, "rbar", row["seed_ranks"],
+                              row["seeds"]))
+  return out
 
 
 def first_reaching(curve: dict[str, list], target: float) -> tuple[int | None, int | None]:
@@ -472,10 +521,12 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
                           os.path.join(out, plot), title=f"E1: keep ratio {E1_KEEP_RATIO}")
   elif name == "e2":
     ranks = [int(r) for r in _RANKS.value] or list(E2_RANKS)
-    records = run_e2(*args, ranks)
+    records = e2_rows(run_e2(scale, rounds, checkpoint, *_seeded_dirs(out), ranks))
+    claims.update(_SUMMARY.value or os.path.join(out, "summary.json"), "e2",
+                  e2_claims(records))
     table, plot = e2_table(records), "e2_rank.png"
     plots.accuracy_vs_rank(records, os.path.join(out, plot),
-                           title="E2: OSFA at fixed ranks vs TSFA")
+                           title="E2: OSFA at fixed ranks vs TSFA (mean, 95 % interval)")
   elif name == "e3":
     records = run_e3(*args)
     table, plot = e3_table(records), "e3_covariance.png"

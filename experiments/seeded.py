@@ -11,6 +11,10 @@ Per seed the summary keeps what every table is computed from:
   final_accuracy_full  the whole test split in the last round (None without an eval subset),
   cum_uplink_bits      bits uploaded over the run,
   curve                {round, test_accuracy, cum_uplink_bits} of the evaluated rounds,
+  mean_cov_term        the covariance term of ALGORITHM.md 3 over the last TAIL_ROUNDS rounds,
+  the controller's     rank (TSFA's offline choice), offline (its plan), the latency budget,
+                       mean latency and their ratio, the virtual queue (per round, max, final),
+                       mean keep ratio, solver fallbacks,
 and, for SOFT, the orthogonality diagnostics averaged over the last TAIL_ROUNDS rounds:
 the global factors' residuals for B and A, the gap between SOFT's scores and the singular
 values of what clients score, and the share of the score energy a client drops.
@@ -60,12 +64,28 @@ def _dropped_share(row: dict[str, Any]) -> float:
   return row["dropped_energy"] / row["score_energy"] if row["score_energy"] else 0.0
 
 
-def seed_record(rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """One seed's summary (the fields of the module docstring)."""
+def _controller_fields(member: dict[str, Any]) -> dict[str, Any]:
+  """What E2, E4-E6 compare of a run under a latency budget (ALGORITHM.md 4-6)."""
+  rows = member["rows"]
+  return {"rank": member["rank"], "offline": member["offline"],
+          "latency_budget_s": member["latency_budget_s"],
+          "mean_latency_s": member["mean_latency_s"],
+          "latency_over_budget": member["mean_latency_s"] / member["latency_budget_s"],
+          "max_queue": member["max_queue"], "final_queue": rows[-1]["queue"],
+          "mean_keep_ratio": sum(r["keep_ratio"] for r in rows) / len(rows),
+          "fallbacks": sum(r["fallbacks"] for r in rows), "queue": [r["queue"] for r in rows]}
+
+
+def seed_record(member: dict[str, Any]) -> dict[str, Any]:
+  """One seed's summary from its experiment.run member summary (the module docstring's fields,
+  the mean covariance term of the last TAIL_ROUNDS rounds, and the controller's fields)."""
+  rows = member["rows"]
   evaluated = [r for r in rows if "test_accuracy" in r]
   record = {"final_accuracy": stats.final_accuracy(rows),
             "final_accuracy_full": evaluated[-1].get("test_accuracy_full"),
-            "cum_uplink_bits": rows[-1]["cum_uplink_bits"], "curve": curve(rows)}
+            "cum_uplink_bits": rows[-1]["cum_uplink_bits"], "curve": curve(rows),
+            "mean_cov_term": _tail_mean(rows, lambda r: r["cov_term"]),
+            **_controller_fields(member)}
   if rows[-1].get("score_energy"):  # a SOFT run scored components
     record.update({
         "orth_residual_B": _tail_mean(rows, lambda r: r["orth_residual_B"]),
@@ -122,7 +142,7 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
   else:
     members = _members(summary, seeds)
     record.update(seeds=[m["setting"]["seed"] for m in members],
-                  per_seed=[seed_record(m["rows"]) for m in members],
+                  per_seed=[seed_record(m) for m in members],
                   lora_shapes=jax.tree.map(lambda x: list(x.shape), summary["lora_template"]),
                   round_time_s=sum(r["round_time_s"] for r in members[0]["rows"]),
                   wall_time_s=summary["wall_time_s"])

@@ -32,3 +32,14 @@ def final_accuracy(rows: Sequence[dict], last: int = 3) -> float:
     raise ValueError("no evaluated round")
   tail = evaluated[-last:]
   return sum(tail) / len(tail)
+
+
+def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+  """Two-sided p-value of Welch's t-test of equal means (unequal variances).
+
+  Two samples without spread have no t statistic: p is 1 when their means agree, else 0.
+  """
+  p = float(stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
+  if math.isnan(p):
+    return 1.0 if math.isclose(sum(a) / len(a), sum(b) / len(b)) else 0.0
+  return p

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import stats
+
 from softjax import errors
 from softjax.models import checkpoint as ckpt_lib
 from softjax.run import checkpointing, experiment
@@ -342,22 +344,44 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_e2_driver_marks_rbar_and_writes_table_and_plot(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4")
-  records = json.load(open(os.path.join(out, "e2.json")))
-  assert [(r["method"], r["rank"]) for r in records][:2] == [("osfa", 1), ("osfa", 4)]
-  tsfa_record = records[-1]
-  assert tsfa_record["method"] == "tsfa" and tsfa_record["rank"] in (1, 4)
-  assert set(tsfa_record["offline"]["objective"]) == {"1", "4"}  # JSON keys
-  for r in records:
-    assert {"final_accuracy", "mean_latency_s", "latency_budget_s", "max_queue",
-            "cum_uplink_bits", "is_rbar"} <= set(r)
-    assert len(r["queue"]) == 3
-    assert r["is_rbar"] == (r["rank"] == tsfa_record["rank"])
-  # One budget for every run: it is a fraction of the same dense reference.
-  assert len({r["latency_budget_s"] for r in records}) == 1
+def test_e2_driver_runs_seeded_ranks_and_checks_rbar(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4",
+                  "--seeds=0,1")
+  assert sorted(os.listdir(os.path.join(out, "runs"))) == [
+      "e2_osfa_r1.json", "e2_osfa_r4.json", "e2_tsfa.json"]
+  rows = json.load(open(os.path.join(out, "e2.json")))
+  assert [(r["method"], r["rank"]) for r in rows] == [("osfa", 1), ("osfa", 4), ("tsfa", None)]
+  tsfa_row = rows[-1]
+  assert len(tsfa_row["seed_ranks"]) == 2 and set(tsfa_row["seed_ranks"]) <= {1, 4}
+  assert tsfa_row["in_tied"] == [k in tsfa_row["tied_ranks"] for k in tsfa_row["seed_ranks"]]
+  for r in rows:
+    assert len(r["final_accuracy"]) == 2 and all(len(q) == 3 for q in r["queue"])
+  run = json.load(open(os.path.join(out, "runs", "e2_tsfa.json")))
+  assert set(run["per_seed"][0]["offline"]["objective"]) == {"1", "4"}  # JSON keys
+  # One budget per seed for every run: a fraction of the same dense reference on that seed's
+  # channel (the seed places the clients).
+  budgets = {tuple(s["latency_budget_s"] for s in json.load(open(
+      os.path.join(out, "runs", name)))["per_seed"]) for name in os.listdir(
+      os.path.join(out, "runs"))}
+  assert len(budgets) == 1
+  claims = json.load(open(os.path.join(out, "summary.json")))
+  assert {c["metric"] for c in claims if c["method"] == "tsfa"} >= {"final_accuracy", "rbar"}
   assert os.path.getsize(os.path.join(out, "e2_rank.png")) > 10_000
-  assert "(rbar)" in open(os.path.join(out, "e2.md")).read()
+  assert "rbar " in open(os.path.join(out, "e2.md")).read()
+
+
+def test_ranks_tied_with_the_best_by_hand():
+  from experiments import reproduce as reproduce_lib
+  fixed = [{"rank": k, "per_seed": [{"final_accuracy": a} for a in accs]}
+           for k, accs in ((2, [0.60, 0.61, 0.62]), (4, [0.70, 0.71, 0.72]),
+                           (8, [0.69, 0.72, 0.70]))]
+  # 8 (mean 0.7033) is within noise of 4 (0.71); 2 is 10 points below with the same spread.
+  assert reproduce_lib.tied_with_best(fixed) == (4, [4, 8])
+  assert stats.welch_p([0.5, 0.5], [0.5, 0.5]) == 1.0
+  assert stats.welch_p([0.5, 0.5], [0.6, 0.6]) == 0.0
+  # Welch by hand: means 2 and 5, variances 1 and 1, n = 3 each: t = 3 / sqrt(2/3) = 3.674,
+  # df = 4: two-sided p = 0.0213.
+  assert stats.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=2e-4)
 
 
 @pytest.mark.slow

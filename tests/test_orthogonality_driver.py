@@ -67,18 +67,24 @@ def test_a_damaged_run_summary_is_named_in_one_line(tmp_path):
 def test_seed_record_by_hand():
   rows = [{"round": t, "cum_uplink_bits": 100 * t, "orth_residual_B": 0.1 * t,
            "orth_residual_A": 0.0, "score_gap": 0.5, "dropped_energy": 1.0,
-           "score_energy": 4.0, **({"test_accuracy": 0.1 * t} if t % 2 == 0 else {})}
+           "score_energy": 4.0, "cov_term": 2.0, "queue": 0.5 * t, "keep_ratio": 0.5,
+           "fallbacks": t % 3 == 0, **({"test_accuracy": 0.1 * t} if t % 2 == 0 else {})}
           for t in range(1, 31)]
   rows[-1]["test_accuracy_full"] = 0.33
-  record = seeded.seed_record(rows)
+  member = {"rows": rows, "rank": 8, "offline": None, "latency_budget_s": 0.5,
+            "mean_latency_s": 0.25, "max_queue": 15.0}
+  record = seeded.seed_record(member)
   assert record["final_accuracy"] == pytest.approx((2.6 + 2.8 + 3.0) / 3)
   assert record["final_accuracy_full"] == 0.33 and record["cum_uplink_bits"] == 3000
   assert record["curve"]["round"] == list(range(2, 31, 2))
   # Diagnostics over the last 20 rounds (11..30): mean of 0.1 t is 2.05.
   assert record["orth_residual_B"] == pytest.approx(2.05)
   assert record["dropped_share"] == pytest.approx(0.25) and record["score_gap"] == 0.5
+  assert record["mean_cov_term"] == 2.0 and record["latency_over_budget"] == 0.5
+  assert record["final_queue"] == 15.0 and record["fallbacks"] == 10
+  assert record["queue"][:2] == [0.5, 1.0] and record["mean_keep_ratio"] == 0.5
   assert "orth_residual_B" not in seeded.seed_record(
-      [dict(r, score_energy=0.0) for r in rows])  # nothing scored: not a SOFT run
+      dict(member, rows=[dict(r, score_energy=0.0) for r in rows]))  # not a SOFT run
 
 
 @pytest.mark.slow
