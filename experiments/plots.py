@@ -107,22 +107,29 @@ def accuracy_vs_rank(rows: Sequence[dict[str, Any]], path: str, title: str = "")
   _finish(fig, (acc, queue), title, path)
 
 
-def accuracy_vs_bits_with_target(records: Sequence[dict[str, Any]], target: float, path: str,
+def accuracy_vs_bits_with_target(runs: Sequence[dict[str, Any]],
+                                 rows: Sequence[dict[str, Any]], path: str,
                                  title: str = "") -> None:
-  """E4: accuracy against cumulative uplink per method, the target accuracy as a line and each
-  method's bits-to-target as a marker."""
+  """E4: seed-mean accuracy (95 % band) against seed-mean cumulative uplink per method, the
+  target as a line and each method's mean uplink to it as a marker.
+
+  `runs` are experiments/seeded.py summaries, `rows` the E4 rows in the same order."""
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  for i, r in enumerate(records):
-    curve = r["curve"]
-    ax.plot([b / 8e6 for b in curve["cum_uplink_bits"]], curve["test_accuracy"], "o-",
-            color=f"C{i}", markersize=3, label=r["method"])
-    if r["bits_to_target"] is not None:
-      ax.plot([r["bits_to_target"] / 8e6], [target], "x", color=f"C{i}", markersize=10)
+  target = rows[0]["target_accuracy"]
+  for i, (run, row) in enumerate(zip(runs, rows)):
+    curves = [s["curve"] for s in run["per_seed"]]
+    acc, half = _seed_band(curves, "test_accuracy")
+    mb = _seed_band(curves, "cum_uplink_bits")[0] / 8e6
+    ax.plot(mb, acc, "-", color=f"C{i}", label=row["method"])
+    ax.fill_between(mb, acc - half, acc + half, color=f"C{i}", alpha=0.15, linewidth=0)
+    reached = [m for m in row["mb_to_target"] if m is not None]
+    if reached:
+      ax.plot([np.mean(reached)], [target], "x", color=f"C{i}", markersize=10)
   ax.axhline(target, color="gray", linestyle="--", label=f"target {target:.3f}")
   ax.set_xscale("log")
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xlabel("cumulative uplink (MB)")
-  ax.set_ylabel("test accuracy")
+  ax.set_xlabel("cumulative uplink (MB, mean over seeds)")
+  ax.set_ylabel("test accuracy (mean over seeds)")
   ax.legend(fontsize=8)
   _finish(fig, (ax,), title, path)
 

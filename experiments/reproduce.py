@@ -6,7 +6,8 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
       --ranks=2,4,8,16 --runs=docs/results/runs --summary=docs/results/summary.json \
       --workdirs=/tmp/softjax_runs
   python -m experiments.reproduce --experiment=e3 --scale=cpu --out=results/e3
-  python -m experiments.reproduce --experiment=e4 --scale=cpu --out=results/e4
+  python -m experiments.reproduce --experiment=e4 --scale=cpu --out=docs/results/e4 \
+      --runs=docs/results/runs --summary=docs/results/summary.json --workdirs=/tmp/softjax_runs
   python -m experiments.reproduce --experiment=e5 --scale=cpu --out=results/e5
   python -m experiments.reproduce --experiment=e6 --scale=cpu --out=results/e6
   python -m experiments.reproduce --experiment=all --scale=cpu --out=results  # + report.md
@@ -15,11 +16,12 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
 
 Each experiment runs its configs through the same `experiment.run` the launcher uses (one
 workdir per run, so an interrupted driver resumes every run where it stopped), then writes
-`DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`. E1, E2 and the
-orthogonality study run each configuration's seeds as one vmapped sweep and keep its per-seed
-summary in RUNS (experiments/seeded.py; a finished one is read, not rerun); E1 and E2 write
-their claims, mean and 95 % half-width per row, to the --summary JSON (experiments/claims.py).
-E3-E6 still run one seed per configuration.
+`DIR/<exp>.json`, a markdown table `DIR/<exp>.md` and plots `DIR/<exp>_*.png`. E1, E2, E4
+and the orthogonality study run each configuration's seeds as one vmapped sweep and keep its
+per-seed summary in RUNS (experiments/seeded.py; a finished one is read, not rerun); E1, E2
+and E4 write their claims, mean and 95 % half-width per row, to the --summary JSON
+(experiments/claims.py).
+E3, E5 and E6 still run one seed per configuration.
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: t
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "ViT-B_16.npz", "ViT-B/16 .npz (scale=paper).")
 _RANKS = flags.DEFINE_list("ranks", [], "E1: the ranks (default 4,8); E2: the fixed ranks "
                            "(default 1,2,4,8,16,32,64; tsfa compares the same ones).")
-_TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best).")
+_TARGET = flags.DEFINE_float("target", 0.0, "E4: target accuracy (0: 0.97 x dense's best "
+                             "seed-mean accuracy).")
 _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in SEEDS_DEFAULT],
-                           "E1, E2 and orthogonality: the seeds, one vmapped sweep per run.")
+                           "E1, E2, E4, orthogonality: the seeds, one vmapped sweep per run.")
 _VARIANTS = flags.DEFINE_list("variants", list(orthogonality.VARIANTS),
                               "E1 and orthogonality: SOFT's variants to run, in order.")
-_RUNS = flags.DEFINE_string("runs", None, "E1, E2, orthogonality: where each seeded run's "
+_RUNS = flags.DEFINE_string("runs", None, "E1, E2, E4, orthogonality: where each seeded run's "
                             "summary JSON goes (commit them); default: OUT/runs.")
-_WORKDIRS = flags.DEFINE_string("workdirs", None, "E1, E2, orthogonality: the runs' workdirs "
+_WORKDIRS = flags.DEFINE_string("workdirs", None, "E1, E2, E4, orthogonality: the runs' workdirs "
                                 "(checkpoints: do not commit); default: --out.")
 _SUMMARY = flags.DEFINE_string("summary", None, "Where the claims JSON goes (records of other "
                                "experiments kept); default: OUT/summary.json.")
@@ -371,41 +374,73 @@ def first_reaching(curve: dict[str, list], target: float) -> tuple[int | None, i
   return None, None
 
 
-def run_e4(out: str, scale: str, rounds: int, checkpoint: str, target: float
-           ) -> tuple[list[dict[str, Any]], float]:
-  """E4: uplink bits to reach a target accuracy, SOFT+TSFA vs dense federated LoRA."""
+def run_e4(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
+           workdirs: str) -> list[dict[str, Any]]:
+  """E4's seeded runs: dense federated LoRA at the reference rank, and SOFT + TSFA."""
   common_arg = (f"scale={scale},rounds={rounds},checkpoint={checkpoint},"
                 f"eval_every={E4_EVAL_EVERY[scale]}")
-  runs = {"dense": f"controller=dense,rank={tsfa_config.REFERENCE_RANK},{common_arg}",
-          "soft+tsfa": f"controller=tsfa,{common_arg}"}
-  summaries = {name: _tsfa_run(out, name.replace("+", "_"), arg)
-               for name, arg in runs.items()}
-  curves = {name: _curve(s["rows"]) for name, s in summaries.items()}
+  plan = [("e4_dense", f"controller=dense,rank={tsfa_config.REFERENCE_RANK}", "dense"),
+          ("e4_soft_tsfa", "controller=tsfa", "soft+tsfa")]
+  return [seeded.run(name, _tsfa_config(f"{arg},{common_arg}"), seeds, runs, workdirs,
+                     {"method": method, "rank": None, "keep_ratio": None})
+          for name, arg, method in plan]
+
+
+def e4_rows(records: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
+  """Per run and seed: rounds and uplink to `target` (0: E4_TARGET_FRACTION of the best
+  seed-mean accuracy of dense), and the saving against dense on the same seed (same channel
+  and clients), where both reach it."""
+  dense = records[0]
   if not target:
-    target = E4_TARGET_FRACTION * max(curves["dense"]["test_accuracy"])
-  records = []
-  for name, s in summaries.items():
-    t, bits = first_reaching(curves[name], target)
-    records.append({"method": name, **_controlled_run_record(s), "target_accuracy": target,
-                    "rounds_to_target": t, "bits_to_target": bits})
-  dense_bits = records[0]["bits_to_target"]
+    evaluations = [s["curve"]["test_accuracy"] for s in dense["per_seed"]]
+    target = E4_TARGET_FRACTION * max(sum(col) / len(col) for col in zip(*evaluations))
+  reached = {r["method"]: [first_reaching(s["curve"], target) for s in r["per_seed"]]
+             for r in records}
+  rows = []
   for r in records:
-    r["saving_percent"] = (100.0 * (1.0 - r["bits_to_target"] / dense_bits)
-                           if r["bits_to_target"] and dense_bits else None)
-  return records, target
+    mine = reached[r["method"]]
+    rows.append({
+        "label": r["method"], "method": r["method"], "seeds": r["seeds"],
+        "seed_ranks": seeded.values(r, "rank"), "target_accuracy": target,
+        "rounds_to_target": [t for t, _ in mine],
+        "mb_to_target": [None if b is None else b / 8e6 for _, b in mine],
+        "saving_percent": [100.0 * (1.0 - b / d) if b and d else None
+                           for (_, b), (_, d) in zip(mine, reached["dense"])],
+        "final_accuracy": seeded.values(r, "final_accuracy"),
+        "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
+        "latency_over_budget": seeded.values(r, "latency_over_budget")})
+  return rows
 
 
-def e4_table(records: list[dict[str, Any]]) -> str:
+def e4_table(rows: list[dict[str, Any]]) -> str:
+  ranks = lambda r: "/".join(str(k) for k in sorted(set(r["seed_ranks"])))
   return markdown_table([
-      ("method", lambda r: r["method"]), ("rank", _num("rank", "d")),
+      ("method", lambda r: r["method"]), ("rank", ranks),
+      ("seeds", lambda r: str(len(r["seeds"]))),
       ("target", _num("target_accuracy", ".4f")),
-      ("rounds to target", lambda r: "not reached" if r["rounds_to_target"] is None
-       else str(r["rounds_to_target"])),
-      ("MB to target", _mb("bits_to_target")),
-      ("saving vs dense", lambda r: "-" if r["saving_percent"] is None
-       else f"{r['saving_percent']:.1f} %"),
-      ("final accuracy", _num("final_accuracy", ".4f")), ("total MB", _mb("cum_uplink_bits")),
-      ("mean latency / budget", _num("latency_over_budget", ".3f"))], records)
+      ("rounds to target", lambda r: _ci(r["rounds_to_target"], ".1f")),
+      ("MB to target", lambda r: _ci(r["mb_to_target"], ".2f")),
+      ("saving vs dense (%)", lambda r: "-" if r["method"] == "dense"
+       else _ci(r["saving_percent"], ".1f")),
+      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
+      ("total MB", lambda r: _ci(r["uplink_mb"], ".2f")),
+      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f"))], rows)
+
+
+def e4_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """summary.json's E4 records (seeds that never reach the target are left out of a metric)."""
+  out = []
+  for row in rows:
+    rank = max(set(row["seed_ranks"]), key=row["seed_ranks"].count)
+    for metric in ("rounds_to_target", "mb_to_target", "saving_percent", "final_accuracy",
+                   "uplink_mb", "latency_over_budget"):
+      pairs = [(v, s) for v, s in zip(row[metric], row["seeds"]) if v is not None]
+      if pairs and not (metric == "saving_percent" and row["method"] == "dense"):
+        name = metric if "target" not in metric else (
+            f"{metric}_{row['target_accuracy']:.4f}")
+        out.append(claims.claim("e4", row["label"], rank, None, name, [v for v, _ in pairs],
+                                [s for _, s in pairs]))
+  return out
 
 
 _SHARDS = (1, 2, 5, 20, 0)  # 0 = iid
@@ -533,9 +568,12 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
     plots.covariance_vs_severity(records, os.path.join(out, plot),
                                  title="E3: covariance term vs non-IID severity (O = 1)")
   elif name == "e4":
-    records, target = run_e4(*args, _TARGET.value)
+    runs = run_e4(scale, rounds, checkpoint, *_seeded_dirs(out))
+    records = e4_rows(runs, _TARGET.value)
+    claims.update(_SUMMARY.value or os.path.join(out, "summary.json"), "e4",
+                  e4_claims(records))
     table, plot = e4_table(records), "e4_bits.png"
-    plots.accuracy_vs_bits_with_target(records, target, os.path.join(out, plot),
+    plots.accuracy_vs_bits_with_target(runs, records, os.path.join(out, plot),
                                        title="E4: uplink to a target accuracy")
   elif name == "e5":
     records = run_e5(*args)

@@ -385,17 +385,25 @@ def test_ranks_tied_with_the_best_by_hand():
 
 
 @pytest.mark.slow
-def test_e4_driver_reports_bits_to_target(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e4"), "e4", "--rounds=3", "--target=0.01")
-  dense, tsfa_record = json.load(open(os.path.join(out, "e4.json")))
-  assert (dense["method"], tsfa_record["method"]) == ("dense", "soft+tsfa")
-  for r in (dense, tsfa_record):
+def test_e4_driver_reports_seeded_bits_to_target(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e4"), "e4", "--rounds=3", "--target=0.01",
+                  "--seeds=0,1")
+  dense, tsfa_row = json.load(open(os.path.join(out, "e4.json")))
+  assert (dense["method"], tsfa_row["method"]) == ("dense", "soft+tsfa")
+  runs = [json.load(open(os.path.join(out, "runs", f"{n}.json")))
+          for n in ("e4_dense", "e4_soft_tsfa")]
+  for row, run in zip((dense, tsfa_row), runs):
     # A target of 1 % is met at the first evaluation (every round at test scale).
-    assert r["target_accuracy"] == 0.01 and r["rounds_to_target"] == 1
-    assert r["bits_to_target"] == r["curve"]["cum_uplink_bits"][0]
-  assert tsfa_record["saving_percent"] == pytest.approx(
-      100 * (1 - tsfa_record["bits_to_target"] / dense["bits_to_target"]))
-  assert tsfa_record["saving_percent"] > 0  # a budget of half the dense latency sends less
+    assert row["target_accuracy"] == 0.01 and row["rounds_to_target"] == [1, 1]
+    assert row["mb_to_target"] == [s["curve"]["cum_uplink_bits"][0] / 8e6
+                                   for s in run["per_seed"]]
+  # The saving is paired by seed (same channel and clients).
+  assert tsfa_row["saving_percent"] == pytest.approx(
+      [100 * (1 - t / d) for t, d in zip(tsfa_row["mb_to_target"], dense["mb_to_target"])])
+  assert min(tsfa_row["saving_percent"]) > 0  # a budget of half the dense latency sends less
+  claims = json.load(open(os.path.join(out, "summary.json")))
+  assert {c["metric"] for c in claims if c["method"] == "soft+tsfa"} >= {
+      "saving_percent", "mb_to_target_0.0100"}
   assert os.path.getsize(os.path.join(out, "e4_bits.png")) > 10_000
 
 
