@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from configs import e1 as e1_config
-from experiments import seeded
+from experiments import seeded, stats
 
 # variant -> (method.penalty, method.zeta, method.reorthogonalize)
 VARIANTS: dict[str, tuple[str, float, bool]] = {
@@ -61,12 +61,28 @@ def run_variant(name: str, seeds: list[int], scale: str, rounds: int, runs_dir: 
 METRICS = ("final_accuracy",) + seeded.SOFT_DIAGNOSTICS
 
 
+BASELINE = "no_penalty"  # the paired accuracy difference is taken against this variant
+
+
+def _paired_delta(record: dict, base: dict | None) -> str:
+  """Accuracy minus the baseline's on the same seeds (same init and client draws)."""
+  if base is None or "diverged" in base or base["seeds"] != record["seeds"]:
+    return "-"
+  deltas = [a - b for a, b in zip(seeded.values(record, "final_accuracy"),
+                                  seeded.values(base, "final_accuracy"))]
+  return "{:+.4f} ± {:.4f}".format(*stats.mean_ci95(deltas))
+
+
 def table(records: list[dict]) -> str:
-  head = "| variant | penalty | zeta | re-orth | seeds | " + " | ".join(METRICS) + " |"
-  lines = [head, "|" + "---|" * (5 + len(METRICS))]
+  """Mean ± 95 % half-width per variant, and its accuracy paired against BASELINE's."""
+  base = next((r for r in records if r["variant"] == BASELINE), None)
+  head = ("| variant | penalty | zeta | re-orth | seeds | " + " | ".join(METRICS)
+          + f" | accuracy - {BASELINE} (paired) |")
+  lines = [head, "|" + "---|" * (6 + len(METRICS))]
   for r in records:
-    cells = ["diverged"] * len(METRICS) if "diverged" in r else [
-        "{:.4f} ± {:.4f}".format(*seeded.interval(r, key)) for key in METRICS]
+    cells = ["diverged"] * (len(METRICS) + 1) if "diverged" in r else [
+        "{:.4f} ± {:.4f}".format(*seeded.interval(r, key)) for key in METRICS] + [
+        _paired_delta(r, base)]
     lines.append(f"| {r['variant']} | {r['penalty']} | {r['zeta']:g} | "
                  f"{'yes' if r['reorthogonalize'] else 'no'} | {len(r['seeds'])} | "
                  + " | ".join(cells) + " |")

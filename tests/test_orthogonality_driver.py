@@ -97,3 +97,18 @@ def test_reproduce_refuses_an_unknown_variant_in_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --variants has unknown names")
   assert "Traceback" not in proc.stderr
+
+
+def test_table_pairs_each_variant_with_the_baseline_by_seed():
+  def record(name, accs):
+    penalty, zeta, reorth = orthogonality.VARIANTS[name]
+    return {"variant": name, "penalty": penalty, "zeta": zeta, "reorthogonalize": reorth,
+            "seeds": [0, 1, 2], "per_seed": [
+                {"final_accuracy": a, "orth_residual_B": 0.5, "orth_residual_A": 0.1,
+                 "score_gap": 0.2, "dropped_share": 0.3} for a in accs]}
+
+  text = orthogonality.table([record("no_penalty", [0.60, 0.50, 0.70]),
+                              record("reorth", [0.62, 0.52, 0.72])])
+  # The seeds differ by 10 points, the pairs by exactly 2: the paired interval is zero.
+  assert "| reorth | offdiag | 0 | yes | 3 | 0.6200 ± 0.2484 |" in text
+  assert text.splitlines()[-1].endswith("| +0.0200 ± 0.0000 |")
