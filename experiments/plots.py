@@ -95,12 +95,8 @@ def accuracy_vs_rank(rows: Sequence[dict[str, Any]], path: str, title: str = "")
   acc.set_ylabel("final test accuracy")
   acc.legend(fontsize=8)
   for i, r in enumerate(rows):
-    mean, half = _seed_band([{"q": q} for q in r["queue"]], "q")
-    t = np.arange(1, len(mean) + 1)
-    name = "tsfa" if r["method"] == "tsfa" else f"osfa r={r['rank']}"
-    queue.plot(t, mean, "-" if r["method"] == "tsfa" else ":", color=f"C{i % 10}", label=name)
-    queue.fill_between(t, mean - half, mean + half, color=f"C{i % 10}", alpha=0.15,
-                       linewidth=0)
+    _banded(queue, r["queue"], f"C{i % 10}",
+            "tsfa" if r["method"] == "tsfa" else f"osfa r={r['rank']}")
   queue.set_xlabel("round")
   queue.set_ylabel("virtual queue Q (mean over seeds)")
   queue.legend(fontsize=7, ncol=2)
@@ -134,32 +130,46 @@ def accuracy_vs_bits_with_target(runs: Sequence[dict[str, Any]],
   _finish(fig, (ax,), title, path)
 
 
-def covariance_vs_severity(records: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-  """E3: the covariance term per round for each partition, and final accuracy per partition.
+def _bars(ax, rows: Sequence[dict[str, Any]], key: str) -> None:
+  """One bar per row: the seed mean of `key` with its 95 % interval."""
+  means = [np.mean(r[key]) for r in rows]
+  ax.bar([r["label"] for r in rows], means, yerr=[_half_width(r[key]) for r in rows],
+         capsize=4, color=[f"C{i % 10}" for i in range(len(rows))])
+  ax.set_ylim(min(means) - 0.05, None)
 
-  Records hold `shards_per_client` (an int or "iid"), `cov_term` (per round) and
+
+def _banded(ax, series: Sequence[Sequence[float]], color: str, label: str) -> None:
+  """The seed mean of a per-round series with its 95 % band."""
+  mean, half = _seed_band([{"v": v} for v in series], "v")
+  t = np.arange(1, len(mean) + 1)
+  ax.plot(t, mean, color=color, label=label)
+  ax.fill_between(t, mean - half, mean + half, color=color, alpha=0.15, linewidth=0)
+
+
+def covariance_vs_severity(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E3: the covariance term per round for each partition (seed mean, 95 % band), and final
+  accuracy per partition (seed mean, 95 % interval).
+
+  Rows hold `label` (shards per client or "iid") and per seed `cov_term` (per round) and
   `final_accuracy`.
   """
   fig, (cov, acc) = plt.subplots(1, 2, figsize=(11, 4))
-  labels = [str(r["shards_per_client"]) for r in records]
-  for i, r in enumerate(records):
-    cov.plot(range(1, len(r["cov_term"]) + 1), r["cov_term"], color=f"C{i}",
-             label=f"shards/client {labels[i]}")
+  for i, r in enumerate(rows):
+    _banded(cov, r["cov_term"], f"C{i % 10}", f"shards/client {r['label']}")
   cov.set_xlabel("round")
   cov.set_ylabel("cov_term")
   cov.set_yscale("log")
   cov.legend(fontsize=8)
-  acc.bar(labels, [r["final_accuracy"] for r in records], color=[f"C{i}" for i in
-                                                                 range(len(records))])
+  _bars(acc, rows, "final_accuracy")
   acc.set_xlabel("shards per client (fewer = more skewed)")
   acc.set_ylabel("final test accuracy")
-  acc.set_ylim(min(r["final_accuracy"] for r in records) - 0.05, None)
   _finish(fig, (cov, acc), title, path)
 
 
 def heatmaps(records: Sequence[dict[str, Any]], row_key: str, col_key: str,
              value_keys: Sequence[str], path: str, title: str = "") -> None:
-  """One annotated heat map per value over the (row_key x col_key) grid of the records."""
+  """One annotated heat map per value over the (row_key x col_key) grid of the records (a
+  value given per seed is shown as its mean)."""
   rows = sorted({r[row_key] for r in records})
   cols = sorted({r[col_key] for r in records})
   fig, axes = plt.subplots(1, len(value_keys), figsize=(5.5 * len(value_keys), 4))
@@ -167,7 +177,7 @@ def heatmaps(records: Sequence[dict[str, Any]], row_key: str, col_key: str,
   for ax, key in zip(axes, value_keys):
     grid = np.full((len(rows), len(cols)), np.nan)
     for r in records:
-      grid[rows.index(r[row_key]), cols.index(r[col_key])] = r[key]
+      grid[rows.index(r[row_key]), cols.index(r[col_key])] = np.mean(r[key])  # seed mean
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
       ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w", fontsize=9)
@@ -200,18 +210,16 @@ def run_overview(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> 
   _finish(fig, (acc, by_bits, latency), title, path)
 
 
-def queues_and_accuracy(records: Sequence[dict[str, Any]], label_key: str, path: str,
-                        title: str = "") -> None:
-  """E6: each record's virtual queue over the rounds, and its final accuracy."""
+def queues_and_accuracy(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E6: each row's virtual queue over the rounds (seed mean, 95 % band), and its final
+  accuracy (seed mean, 95 % interval). Rows hold `label`, and per seed `queue` and
+  `final_accuracy`."""
   fig, (queue, acc) = plt.subplots(1, 2, figsize=(11, 4))
-  labels = [str(r[label_key]) for r in records]
-  for i, r in enumerate(records):
-    queue.plot(range(1, len(r["queue"]) + 1), r["queue"], color=f"C{i}", label=labels[i])
+  for i, r in enumerate(rows):
+    _banded(queue, r["queue"], f"C{i % 10}", r["label"])
   queue.set_xlabel("round")
   queue.set_ylabel("virtual queue Q")
   queue.legend(fontsize=8)
-  acc.bar(labels, [r["final_accuracy"] for r in records],
-          color=[f"C{i}" for i in range(len(records))])
+  _bars(acc, rows, "final_accuracy")
   acc.set_ylabel("final test accuracy")
-  acc.set_ylim(min(r["final_accuracy"] for r in records) - 0.05, None)
   _finish(fig, (queue, acc), title, path)

@@ -11,7 +11,9 @@ Per seed the summary keeps what every table is computed from:
   final_accuracy_full  the whole test split in the last round (None without an eval subset),
   cum_uplink_bits      bits uploaded over the run,
   curve                {round, test_accuracy, cum_uplink_bits} of the evaluated rounds,
-  mean_cov_term        the covariance term of ALGORITHM.md 3 over the last TAIL_ROUNDS rounds,
+  setting              the member's sweep setting (its seed, and any other swept field),
+  mean_cov_term        the covariance term of ALGORITHM.md 3 over the last TAIL_ROUNDS rounds
+                       (cov_term: per round),
   the controller's     rank (TSFA's offline choice), offline (its plan), the latency budget,
                        mean latency and their ratio, the virtual queue (per round, max, final),
                        mean keep ratio, solver fallbacks,
@@ -85,7 +87,7 @@ def seed_record(member: dict[str, Any]) -> dict[str, Any]:
             "final_accuracy_full": evaluated[-1].get("test_accuracy_full"),
             "cum_uplink_bits": rows[-1]["cum_uplink_bits"], "curve": curve(rows),
             "mean_cov_term": _tail_mean(rows, lambda r: r["cov_term"]),
-            **_controller_fields(member)}
+            "cov_term": [r["cov_term"] for r in rows], **_controller_fields(member)}
   if rows[-1].get("score_energy"):  # a SOFT run scored components
     record.update({
         "orth_residual_B": _tail_mean(rows, lambda r: r["orth_residual_B"]),
@@ -141,8 +143,7 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
     record["diverged"] = str(e)
   else:
     members = _members(summary, seeds)
-    record.update(seeds=[m["setting"]["seed"] for m in members],
-                  per_seed=[seed_record(m) for m in members],
+    record.update(per_seed=[{"setting": m["setting"], **seed_record(m)} for m in members],
                   lora_shapes=jax.tree.map(lambda x: list(x.shape), summary["lora_template"]),
                   round_time_s=sum(r["round_time_s"] for r in members[0]["rows"]),
                   wall_time_s=summary["wall_time_s"])
@@ -150,6 +151,20 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def by_setting(record: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+  """A run whose config sweeps more than the seed (E5's grid), split per setting.
+
+  Returns:
+    [(setting without the seed, the record with only that setting's seeds)], in the order the
+    settings first appear.
+  """
+  groups: dict[str, tuple[dict[str, Any], list]] = {}
+  for s in record["per_seed"]:
+    setting = {k: v for k, v in s["setting"].items() if k != "seed"}
+    groups.setdefault(json.dumps(setting, sort_keys=True), (setting, []))[1].append(s)
+  return [(setting, {**record, "per_seed": members}) for setting, members in groups.values()]
 
 
 def values(record: dict[str, Any], key: str) -> list[float]:

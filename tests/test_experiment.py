@@ -408,46 +408,54 @@ def test_e4_driver_reports_seeded_bits_to_target(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_e3_driver_reports_covariance_per_partition(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e3"), "e3", "--rounds=2")
-  records = json.load(open(os.path.join(out, "e3.json")))
-  assert [r["shards_per_client"] for r in records] == [1, "iid"]
-  for r in records:
-    assert len(r["cov_term"]) == 2 and r["mean_cov_term"] > 0
-    assert r["curve"]["cum_uplink_bits"][-1] > 0
+def test_e3_driver_reports_seeded_covariance_per_partition(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e3"), "e3", "--rounds=2", "--seeds=0,1")
+  rows = json.load(open(os.path.join(out, "e3.json")))
+  assert [r["shards_per_client"] for r in rows] == [1, "iid"]
+  for r in rows:
+    assert r["seeds"] == [0, 1] and len(r["final_accuracy"]) == 2
+    assert all(len(c) == 2 for c in r["cov_term"]) and min(r["mean_cov_term"]) > 0
+  claims = json.load(open(os.path.join(out, "summary.json")))
+  assert {c["method"] for c in claims} == {"soft/shards=1", "soft/shards=iid"}
   assert os.path.getsize(os.path.join(out, "e3_covariance.png")) > 10_000
 
 
 @pytest.mark.slow
-def test_e5_driver_runs_the_grid_as_one_sweep(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e5"), "e5", "--rounds=2")
-  records = json.load(open(os.path.join(out, "e5.json")))
-  assert [(r["zeta"], r["V"]) for r in records] == [(0.0, 0.5), (0.0, 4.0), (0.5, 0.5),
-                                                     (0.5, 4.0)]
-  rows = metrics_lib.read_rows(os.path.join(out, "grid", "metrics.jsonl"))
-  assert len(rows) == 2 * 4  # one workdir, one row per member and round
-  for r in records:
-    assert r["latency_over_budget"] == pytest.approx(r["mean_latency_s"] / r["latency_budget_s"])
+def test_e5_driver_runs_the_grid_and_seeds_as_one_sweep(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e5"), "e5", "--rounds=2", "--seeds=0,1")
+  rows = json.load(open(os.path.join(out, "e5.json")))
+  assert [(r["zeta"], r["V"]) for r in rows] == [(0.0, 0.5), (0.0, 4.0), (0.5, 0.5),
+                                                  (0.5, 4.0)]
+  assert all(r["seeds"] == [0, 1] for r in rows)
+  metrics = metrics_lib.read_rows(os.path.join(out, "e5_grid", "metrics.jsonl"))
+  assert len(metrics) == 2 * 4 * 2  # one workdir, one row per member (setting x seed) and round
+  run = json.load(open(os.path.join(out, "runs", "e5_grid.json")))
+  for row in rows:  # each row's seeds are its own setting's members
+    mine = [s for s in run["per_seed"] if (s["setting"]["zeta"], s["setting"]["V"]) == (
+        row["zeta"], row["V"])]
+    assert row["final_accuracy"] == [s["final_accuracy"] for s in mine]
   assert os.path.getsize(os.path.join(out, "e5_grid.png")) > 10_000
 
 
 @pytest.mark.slow
-def test_e6_driver_compares_impairments_with_perfect_csi(cache_dir, tmp_path):
-  out = reproduce(cache_dir, str(tmp_path / "e6"), "e6", "--rounds=3")
-  records = json.load(open(os.path.join(out, "e6.json")))
-  assert [r["condition"] for r in records] == ["perfect", "bursty", "csi_error_0.3",
-                                               "dropout_0.2"]
-  assert records[0]["accuracy_vs_perfect"] == 0.0
-  for r in records:
-    assert len(r["queue"]) == 3 and r["latency_budget_s"] > 0
-  rows = {r["condition"]: metrics_lib.read_rows(os.path.join(out, r["condition"],
-                                                             "metrics.jsonl"))
-          for r in records}
+def test_e6_driver_compares_impairments_with_perfect_csi_per_seed(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e6"), "e6", "--rounds=3", "--seeds=0,1")
+  rows = json.load(open(os.path.join(out, "e6.json")))
+  assert [r["condition"] for r in rows] == ["perfect", "bursty", "csi_error_0.3",
+                                            "dropout_0.2"]
+  assert rows[0]["accuracy_vs_perfect"] == [0.0, 0.0]
+  for r in rows:  # paired by seed
+    assert r["accuracy_vs_perfect"] == pytest.approx(
+        [a - b for a, b in zip(r["final_accuracy"], rows[0]["final_accuracy"])])
+    assert all(len(q) == 3 for q in r["queue"])
+  metrics = {r["condition"]: metrics_lib.read_rows(os.path.join(out, f"e6_{r['condition']}",
+                                                                "metrics.jsonl"))
+             for r in rows}
   # Perfect CSI: the controller predicts the realized latency; a 30 % gain error breaks that.
   assert all(r["latency_s"] == pytest.approx(r["predicted_latency_s"], rel=1e-4)
-             for r in rows["perfect"])
+             for r in metrics["perfect"])
   assert any(r["latency_s"] != pytest.approx(r["predicted_latency_s"], rel=1e-3)
-             for r in rows["csi_error_0.3"])
+             for r in metrics["csi_error_0.3"])
   assert os.path.getsize(os.path.join(out, "e6_robustness.png")) > 10_000
 
 
@@ -458,7 +466,8 @@ def test_all_gathers_every_experiment_into_one_report(tmp_path, monkeypatch):
 
   calls = []
 
-  def fake_run_experiment(name, out, scale, rounds, checkpoint):
+  def fake_run_experiment(name, out, scale, rounds, checkpoint, root):
+    assert root == str(tmp_path)  # run summaries and claims gathered at the top
     calls.append((name, out, scale, rounds))
     return f"| table of {name} |\n", f"{name}.png"
 
