@@ -203,6 +203,11 @@ def _ci(values, fmt: str = ".4f") -> str:
   return text if len(got) == len(values) else f"{text} ({len(got)}/{len(values)})"
 
 
+def _ci_col(header: str, key: str, fmt: str = ".4f"):
+  """A table column: the row's per-seed `key` as mean ± 95 % half-width."""
+  return header, lambda r: _ci(r[key], fmt)
+
+
 def e1_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """summary.json's E1 records: every row's seeded metrics."""
   return [c for row in rows for c in _row_claims(
@@ -256,11 +261,11 @@ def e1_table(rows: list[dict[str, Any]], compress_s: dict[tuple[str, int], float
   return markdown_table([
       ("method", lambda r: r["label"]), ("rank", lambda r: str(r["rank"] or "-")),
       ("O", _num("keep_ratio", ".2f")), ("seeds", lambda r: str(len(r["seeds"]))),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
+      _ci_col("final accuracy", "final_accuracy"),
       ("whole test split", lambda r: _ci(r["final_accuracy_full"] or None)),
-      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f")),
-      ("accuracy at equal uplink", lambda r: _ci(r["accuracy_at_equal_uplink"])),
-      ("MB to target", lambda r: _ci(r["mb_to_target"], ".2f")),
+      _ci_col("uplink (MB)", "uplink_mb", ".2f"),
+      _ci_col("accuracy at equal uplink", "accuracy_at_equal_uplink"),
+      _ci_col("MB to target", "mb_to_target", ".2f"),
       ("client compress (ms)", compress)], rows) + (
       f"\nEqual uplink and target per rank group ({groups}); compression timed on this "
       "machine when the table was written.\n")
@@ -344,12 +349,12 @@ def e2_table(rows: list[dict[str, Any]]) -> str:
   return markdown_table([
       ("method", lambda r: r["method"]), ("rank", _rank_cell),
       ("seeds", lambda r: str(len(r["seeds"]))),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
-      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f")),
-      ("max queue", lambda r: _ci(r["max_queue"], ".2f")),
-      ("final queue", lambda r: _ci(r["final_queue"], ".2f")),
-      ("mean O", lambda r: _ci(r["mean_keep_ratio"], ".3f")),
-      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f")),
+      _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("mean latency / budget", "latency_over_budget", ".3f"),
+      _ci_col("max queue", "max_queue", ".2f"),
+      _ci_col("final queue", "final_queue", ".2f"),
+      _ci_col("mean O", "mean_keep_ratio", ".3f"),
+      _ci_col("uplink (MB)", "uplink_mb", ".2f"),
       ("rank tied with best", lambda r: f"{sum(r['in_tied'])}/{len(r['in_tied'])}")], rows) + (
       f"\nTied with the best fixed rank ({rows[0]['best_rank']}): ranks "
       f"{', '.join(map(str, tied))} (Welch t-test of final accuracy, p >= 0.05).\n")
@@ -417,13 +422,13 @@ def e4_table(rows: list[dict[str, Any]]) -> str:
       ("method", lambda r: r["method"]), ("rank", ranks),
       ("seeds", lambda r: str(len(r["seeds"]))),
       ("target", _num("target_accuracy", ".4f")),
-      ("rounds to target", lambda r: _ci(r["rounds_to_target"], ".1f")),
-      ("MB to target", lambda r: _ci(r["mb_to_target"], ".2f")),
+      _ci_col("rounds to target", "rounds_to_target", ".1f"),
+      _ci_col("MB to target", "mb_to_target", ".2f"),
       ("saving vs dense (%)", lambda r: "-" if r["method"] == "dense"
        else _ci(r["saving_percent"], ".1f")),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
-      ("total MB", lambda r: _ci(r["uplink_mb"], ".2f")),
-      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f"))], rows)
+      _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("total MB", "uplink_mb", ".2f"),
+      _ci_col("mean latency / budget", "latency_over_budget", ".3f")], rows)
 
 
 def e4_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -474,8 +479,8 @@ def e3_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def e3_table(rows: list[dict[str, Any]]) -> str:
   return markdown_table([
       ("shards per client", lambda r: r["label"]), ("seeds", lambda r: str(len(r["seeds"]))),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
-      ("cov_term (mean of last 20 rounds)", lambda r: _ci(r["mean_cov_term"], ".4g"))], rows)
+      _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("cov_term (mean of last 20 rounds)", "mean_cov_term", ".4g")], rows)
 
 
 def run_e5(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
@@ -507,11 +512,11 @@ def e5_table(rows: list[dict[str, Any]]) -> str:
   return markdown_table([
       ("zeta", _num("zeta", "g")), ("V", _num("V", "g")),
       ("seeds", lambda r: str(len(r["seeds"]))),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
-      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f")),
-      ("max queue", lambda r: _ci(r["max_queue"], ".2f")),
-      ("mean O", lambda r: _ci(r["mean_keep_ratio"], ".3f")),
-      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f"))], rows)
+      _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("mean latency / budget", "latency_over_budget", ".3f"),
+      _ci_col("max queue", "max_queue", ".2f"),
+      _ci_col("mean O", "mean_keep_ratio", ".3f"),
+      _ci_col("uplink (MB)", "uplink_mb", ".2f")], rows)
 
 
 # E6 conditions: config overrides of the wireless section on top of SOFT + TSFA [choice of
@@ -554,13 +559,13 @@ def e6_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def e6_table(rows: list[dict[str, Any]]) -> str:
   return markdown_table([
       ("condition", lambda r: r["condition"]), ("seeds", lambda r: str(len(r["seeds"]))),
-      ("final accuracy", lambda r: _ci(r["final_accuracy"])),
-      ("vs perfect CSI (paired)", lambda r: _ci(r["accuracy_vs_perfect"], "+.4f")),
-      ("mean latency / budget", lambda r: _ci(r["latency_over_budget"], ".3f")),
-      ("max queue", lambda r: _ci(r["max_queue"], ".2f")),
-      ("final queue", lambda r: _ci(r["final_queue"], ".2f")),
-      ("fallbacks", lambda r: _ci(r["fallbacks"], ".1f")),
-      ("uplink (MB)", lambda r: _ci(r["uplink_mb"], ".2f"))], rows)
+      _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("vs perfect CSI (paired)", "accuracy_vs_perfect", "+.4f"),
+      _ci_col("mean latency / budget", "latency_over_budget", ".3f"),
+      _ci_col("max queue", "max_queue", ".2f"),
+      _ci_col("final queue", "final_queue", ".2f"),
+      _ci_col("fallbacks", "fallbacks", ".1f"),
+      _ci_col("uplink (MB)", "uplink_mb", ".2f")], rows)
 
 
 def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str,
