@@ -199,7 +199,8 @@ def _ci(values, fmt: str = ".4f") -> str:
   if not got:
     return f"none of {len(values)}"
   mean, half = stats.mean_ci95(got)
-  text = format(mean, fmt) + ("" if math.isnan(half) else " ± " + format(half, fmt))
+  text = format(mean, fmt) + ("" if math.isnan(half) else
+                              " ± " + format(half, fmt.replace("+", "")))
   return text if len(got) == len(values) else f"{text} ({len(got)}/{len(values)})"
 
 

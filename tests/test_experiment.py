@@ -256,6 +256,7 @@ def test_e1_rows_compare_at_equal_uplink_and_to_a_target_by_hand():
   assert rows["head_only"]["mb_to_target"] is None
   assert reproduce_lib._ci([3.0, None], ".2f") == "3.00 (1/2)"
   assert reproduce_lib._ci([None, None]) == "none of 2"
+  assert reproduce_lib._ci([0.01, 0.03], "+.2f") == "+0.02 ± 0.13"  # the sign on the mean only
 
 
 @pytest.mark.slow
