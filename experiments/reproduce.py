@@ -681,7 +681,7 @@ def _run_orthogonality(out: str) -> str:
   variants = _variants()
   if _SCALE.value == "paper":
     raise errors.UserError("--experiment=orthogonality runs at --scale=cpu or test")
-  seeds, runs, workdirs = _seeded_dirs(out)
+  seeds, runs, workdirs = _seeded_dirs(out, out)
   return orthogonality.run_all(out, runs, workdirs, seeds, variants, _SCALE.value,
                                _ROUNDS.value)
 

@@ -88,14 +88,20 @@ def test_seed_record_by_hand():
 
 
 @pytest.mark.slow
-def test_reproduce_refuses_an_unknown_variant_in_one_line(tmp_path):
+@pytest.mark.parametrize("experiment_name,flag,line", [
+    ("orthogonality", "--variants=offdiag,bogus", "error: --variants has unknown names"),
+    ("orthogonality", "--seeds=0,x", "error: --seeds must be integers"),
+    ("e1", "--seeds=1,1", "error: --seeds must be distinct integers"),
+    ("e2", "--seeds=", "error: --seeds must be distinct integers"),
+])
+def test_reproduce_refuses_bad_flags_in_one_line(experiment_name, flag, line, tmp_path):
   import subprocess
   import sys
   proc = subprocess.run([sys.executable, "-m", "experiments.reproduce",
-                         "--experiment=orthogonality", "--variants=offdiag,bogus",
+                         f"--experiment={experiment_name}", flag, "--scale=test",
                          f"--out={tmp_path}"], capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: --variants has unknown names")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(line)
   assert "Traceback" not in proc.stderr
 
 
