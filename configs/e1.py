@@ -9,7 +9,8 @@ Arguments (`configs/e1.py:method=tlora,rank=4,scale=cpu,rounds=60`):
   rank: LoRA rank.
   scale: cpu (the quickstart setup), paper (ViT-B/16, CIFAR-100; an accelerator), or test.
   keep_ratio: O for the sparsified methods (dense always sends everything).
-  zeta: SOFT's orthogonality weight (the baselines train without the penalty).
+  zeta: SOFT's orthogonality weight (the baselines train without the penalty); SOFT's server
+    also re-orthogonalizes its factors every round (configs/scales.py: set_orthogonality).
   rounds: 0 keeps the scale's default.
   checkpoint: the ViT-B/16 .npz for scale=paper.
 """
@@ -20,13 +21,13 @@ from softjax import config as config_lib
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, method="soft", rank=8, scale="cpu", keep_ratio=0.5,
-                              zeta=0.1, rounds=0, checkpoint="ViT-B_16.npz")
+                              zeta=scales.SOFT_ZETA, rounds=0, checkpoint="ViT-B_16.npz")
   config = scales.base_for_scale(args.scale, args.checkpoint)
   config.lora.rank = args.rank
   config.lora.alpha = 4.0 * args.rank  # the same adapter scale alpha / r = 4 at every rank
   config.method.name = args.method
   config.method.keep_ratio = 1.0 if args.method == "dense" else args.keep_ratio
-  config.method.zeta = args.zeta if args.method == "soft" else 0.0
+  scales.set_orthogonality(config, args.zeta)
   if args.rounds:
     config.fl.rounds = args.rounds
   config.lock()

@@ -11,6 +11,16 @@ from configs import cifar100_vitb16, cpu_v1, quickstart, testing
 from softjax import config as config_lib
 
 SCALES = ("cpu", "cpu_v1", "paper", "test")
+SOFT_ZETA = 0.1  # SOFT's penalty weight in the experiment configs
+
+
+def set_orthogonality(config, zeta: float = SOFT_ZETA) -> None:
+  """SOFT's orthogonality defaults [choice, docs/algorithm.md 0]: the off-diagonal penalty at
+  weight `zeta` AND the server's re-orthogonalization after every aggregation; the other
+  methods train without the penalty and keep their factors as aggregated."""
+  soft = config.method.name == "soft"
+  config.method.zeta = zeta if soft else 0.0
+  config.method.reorthogonalize = soft
 
 
 def base_for_scale(scale: str, checkpoint: str):

@@ -42,7 +42,7 @@ def get_config(arg=None):
   # The same adapter scale alpha / r at every rank (E1's choice); tsfa keeps it at its own rank.
   config.lora.alpha = 4.0 * args.rank
   config.method.name = "dense" if dense else args.method
-  config.method.zeta = 0.1 if config.method.name == "soft" else 0.0
+  scales.set_orthogonality(config)
   config.method.keep_ratio = 1.0 if dense else args.keep_ratio
   config.controller.name = "fixed" if dense else args.controller
   config.controller.V = args.V

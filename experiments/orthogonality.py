@@ -29,7 +29,7 @@ VARIANTS: dict[str, tuple[str, float, bool]] = {
     "offdiag": ("offdiag", 0.1, False),  # the default before this study
     "normalized": ("normalized", 0.1, False),
     "reorth": ("offdiag", 0.0, True),
-    "reorth_offdiag": ("offdiag", 0.1, True),
+    "reorth_offdiag": ("offdiag", 0.1, True),  # the default since (configs/scales.py)
 }
 
 
