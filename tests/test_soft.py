@@ -317,7 +317,8 @@ def test_soft_compress_new_ratio_never_retraces_and_vmaps_over_clients():
       np.testing.assert_array_equal(mask.sum(-1), m)
 
 
-def test_penalty_gradient_finite_at_lora_init():
+@pytest.mark.parametrize("kind", soft.PENALTY_KINDS)
+def test_penalty_gradient_finite_at_lora_init(kind):
   tree = {"q": {"A": jnp.asarray(A_HAND), "B": jnp.zeros((3, 2))}}
-  grad = jax.grad(soft.orthogonality_penalty)(tree)
+  grad = jax.grad(lambda t: soft.orthogonality_penalty(t, kind))(tree)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(grad))
