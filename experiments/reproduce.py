@@ -164,19 +164,20 @@ def e1_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   for rank in _ranks(done):
     group = [r for r in done if r["rank"] == rank]
     federated = [r for r in group if r["method"] not in REFERENCES]
-    budget = min(_mean(seeded.values(r, "cum_uplink_bits")) for r in federated)
-    dense = next(r for r in group if r["method"] == "dense")
-    target = E4_TARGET_FRACTION * _mean(seeded.values(dense, "final_accuracy"))
+    # A group whose federated runs (or dense) all diverged has no budget (or target).
+    budget = min((_mean(seeded.values(r, "cum_uplink_bits")) for r in federated), default=None)
+    dense = next((r for r in group if r["method"] == "dense"), None)
+    target = dense and E4_TARGET_FRACTION * _mean(seeded.values(dense, "final_accuracy"))
     for r in group:
       curves = [s["curve"] for s in r["per_seed"]]
-      reference = r["method"] in REFERENCES
+      reference = r["method"] in REFERENCES or budget is None or target is None
       rows.append({
           "label": label(r), "method": r["method"], "rank": rank,
           "keep_ratio": r["keep_ratio"], "seeds": r["seeds"],
           "final_accuracy": seeded.values(r, "final_accuracy"),
           "final_accuracy_full": seeded.values(r, "final_accuracy_full"),
           "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
-          "equal_uplink_mb": budget / 8e6, "target_accuracy": target,
+          "equal_uplink_mb": budget and budget / 8e6, "target_accuracy": target,
           "accuracy_at_equal_uplink": None if reference else
           [accuracy_at_bits(c, budget) for c in curves],
           "mb_to_target": None if reference else
@@ -215,8 +216,8 @@ def e1_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
       "e1", row, ("final_accuracy", "final_accuracy_full", "uplink_mb",
                   "accuracy_at_equal_uplink", "mb_to_target"), row["label"], row["rank"],
       row["keep_ratio"], names={
-          "accuracy_at_equal_uplink": f"accuracy_at_{row.get('equal_uplink_mb', 0):.3f}_mb",
-          "mb_to_target": f"mb_to_accuracy_{row.get('target_accuracy', 0):.4f}"})]
+          "accuracy_at_equal_uplink": f"accuracy_at_{row.get('equal_uplink_mb') or 0:.3f}_mb",
+          "mb_to_target": f"mb_to_accuracy_{row.get('target_accuracy') or 0:.4f}"})]
 
 
 def _compression_times(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
@@ -256,7 +257,7 @@ def e1_table(rows: list[dict[str, Any]], compress_s: dict[tuple[str, int], float
   """Mean ± 95 % half-width over the seeds; equal-uplink columns per rank group."""
   groups = ", ".join(f"r = {r['rank']}: {r['equal_uplink_mb']:.3f} MB and accuracy "
                      f"{r['target_accuracy']:.4f}" for r in rows
-                     if r["method"] == "dense")
+                     if r["method"] == "dense" and r["equal_uplink_mb"] is not None)
   compress = lambda r: (f"{compress_s[r['method'], r['rank']] * 1e3:.3f}"
                         if (r["method"], r["rank"]) in compress_s else "-")
   return markdown_table([

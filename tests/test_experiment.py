@@ -256,6 +256,12 @@ def test_e1_rows_compare_at_equal_uplink_and_to_a_target_by_hand():
   assert rows["head_only"]["mb_to_target"] is None
   assert reproduce_lib._ci([3.0, None], ".2f") == "3.00 (1/2)"
   assert reproduce_lib._ci([None, None]) == "none of 2"
+  # Dense diverged: no target, so no uplink-to-target column, and no traceback.
+  rows = {r["label"]: r for r in reproduce_lib.e1_rows(
+      [{"method": "dense", "rank": 4, "seeds": [0, 1], "diverged": "nan"}, soft, head])}
+  assert rows["soft/reorth"]["mb_to_target"] is None
+  assert "soft/reorth" in reproduce_lib.e1_table(list(rows.values()), {})
+  assert reproduce_lib.e1_claims(list(rows.values()))
   assert reproduce_lib._ci([0.01, 0.03], "+.2f") == "+0.02 ± 0.13"  # the sign on the mean only
 
 
