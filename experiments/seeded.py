@@ -4,7 +4,9 @@ A run has a name (`soft_r8_reorth`, `tlora_r4`); its checkpoints live in WORKDIR
 (resumed where they stopped; never committed), and when it finishes its per-seed summary is
 written to RUNS/<name>.json (a few kB: commit it). A run whose summary exists is read, not run
 again, so an interrupted suite resumes instead of repeating, and experiments that share a
-configuration (E1's SOFT rows and the orthogonality study) share its run.
+configuration (E1's SOFT rows and the orthogonality study) share its run. The seeds vary the
+initialization, the client draws and the channel; the data partition stays the base config's
+(softjax/config/sweep.py), so a claim's interval does not cover other partitions.
 
 Per seed the summary keeps what every table is computed from:
   final_accuracy       mean test accuracy of the last 3 evaluations (stats.final_accuracy),
