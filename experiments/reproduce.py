@@ -245,10 +245,6 @@ def markdown_table(columns, records) -> str:
   return "\n".join([head, rule] + body) + "\n"
 
 
-def _mb(key: str):
-  return lambda r: "-" if r[key] is None else f"{r[key] / 8e6:.2f}"
-
-
 def _num(key: str, fmt: str):
   return lambda r: "-" if r[key] is None else format(r[key], fmt)
 
