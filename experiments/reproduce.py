@@ -169,27 +169,26 @@ def e1_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dense = next((r for r in group if r["method"] == "dense"), None)
     target = dense and E4_TARGET_FRACTION * _mean(seeded.values(dense, "final_accuracy"))
     for r in group:
-      curves = [s["curve"] for s in r["per_seed"]]
       reference = r["method"] in REFERENCES or budget is None or target is None
-      rows.append({
-          "label": label(r), "method": r["method"], "rank": rank,
+      rows.append(_e1_row(r, rank, budget, target, reference))
+  rows += [_e1_row(r, 0, None, None, True) for r in done if r["method"] == "head_only"]
+  return rows
+
+
+def _e1_row(r: dict[str, Any], rank: int, budget: float | None, target: float | None,
+            reference: bool) -> dict[str, Any]:
+  """One E1 row; a reference row (or a group without budget or target) has no equal-uplink
+  or to-target values."""
+  curves = [s["curve"] for s in r["per_seed"]]
+  return {"label": label(r), "method": r["method"], "rank": rank,
           "keep_ratio": r["keep_ratio"], "seeds": r["seeds"],
-          "final_accuracy": seeded.values(r, "final_accuracy"),
-          "final_accuracy_full": seeded.values(r, "final_accuracy_full"),
-          "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
+          **_per_seed(r, ("final_accuracy", "final_accuracy_full")),
           "equal_uplink_mb": budget and budget / 8e6, "target_accuracy": target,
           "accuracy_at_equal_uplink": None if reference else
           [accuracy_at_bits(c, budget) for c in curves],
           "mb_to_target": None if reference else
           [None if b is None else b / 8e6 for _, b in (first_reaching(c, target)
-                                                         for c in curves)]})
-  rows += [{"label": "head_only", "method": "head_only", "rank": 0, "keep_ratio": 1.0,
-            "seeds": r["seeds"], "final_accuracy": seeded.values(r, "final_accuracy"),
-            "final_accuracy_full": seeded.values(r, "final_accuracy_full"),
-            "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
-            "accuracy_at_equal_uplink": None, "mb_to_target": None}
-           for r in done if r["method"] == "head_only"]
-  return rows
+                                                         for c in curves)]}
 
 
 def _ci(values, fmt: str = ".4f") -> str:
@@ -325,9 +324,7 @@ def e2_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "keep_ratio": None, "seeds": r["seeds"], "seed_ranks": ranks,
                  "best_rank": best, "tied_ranks": tied,
                  "in_tied": [k in tied for k in ranks],
-                 **{key: seeded.values(r, key) for key in E2_METRICS},
-                 "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
-                 "queue": seeded.values(r, "queue")})
+                 **_per_seed(r, E2_METRICS + ("queue",))})
   return rows
 
 
@@ -408,9 +405,7 @@ def e4_rows(records: list[dict[str, Any]], target: float) -> list[dict[str, Any]
         "mb_to_target": [None if b is None else b / 8e6 for _, b in mine],
         "saving_percent": [100.0 * (1.0 - b / d) if b and d else None
                            for (_, b), (_, d) in zip(mine, reached["dense"])],
-        "final_accuracy": seeded.values(r, "final_accuracy"),
-        "uplink_mb": [b / 8e6 for b in seeded.values(r, "cum_uplink_bits")],
-        "latency_over_budget": seeded.values(r, "latency_over_budget")})
+        **_per_seed(r, ("final_accuracy", "latency_over_budget"))})
   return rows
 
 
