@@ -294,12 +294,16 @@ def run_e2(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str
   budget for all."""
   common_arg = f"scale={scale},rounds={rounds},checkpoint={checkpoint}"
   candidates = ",".join(str(r) for r in ranks)
-  plan = [(f"e2_osfa_r{r}", f"controller=osfa,rank={r}", {"method": "osfa", "rank": r})
-          for r in ranks] + [("e2_tsfa", "controller=tsfa", {"method": "tsfa", "rank": None})]
-  return [seeded.run(name, _tsfa_config(f"{arg},{common_arg}",
-                                        controller__rank_candidates=candidates),
-                     seeds, runs, workdirs, {**fields, "keep_ratio": None, "ranks": list(ranks)})
-          for name, arg, fields in plan]
+  # TSFA's run depends on the candidate set; OSFA's at a rank does not (it reads no candidates).
+  tsfa_name = "e2_tsfa" + ("" if tuple(ranks) == E2_RANKS else "_" + "_".join(map(str, ranks)))
+  osfa = [seeded.run(f"e2_osfa_r{r}", _tsfa_config(f"controller=osfa,rank={r},{common_arg}"),
+                     seeds, runs, workdirs, {"method": "osfa", "rank": r, "keep_ratio": None})
+          for r in ranks]
+  tsfa = seeded.run(tsfa_name, _tsfa_config(f"controller=tsfa,{common_arg}",
+                                            controller__rank_candidates=candidates),
+                    seeds, runs, workdirs, {"method": "tsfa", "rank": None, "keep_ratio": None,
+                                            "ranks": list(ranks)})
+  return osfa + [tsfa]
 
 
 def tied_with_best(fixed: list[dict[str, Any]], alpha: float = 0.05) -> tuple[int, list[int]]:

@@ -8,6 +8,11 @@ configuration (E1's SOFT rows and the orthogonality study) share its run. The se
 initialization, the client draws and the channel; the data partition stays the base config's
 (softjax/config/sweep.py), so a claim's interval does not cover other partitions.
 
+A summary is reused only for the run it describes: the same seeds, the same identifying fields
+(method, rank, ...), the same number of rounds, and, for summaries written since it was
+recorded, the same configuration fingerprint (`fingerprint`). Anything else is one line naming
+the file and what differs, so a changed config never silently reads another run's numbers.
+
 Per seed the summary keeps what every table is computed from:
   final_accuracy       mean test accuracy of the last 3 evaluations (stats.final_accuracy),
   final_accuracy_full  the whole test split in the last round (None without an eval subset),
@@ -26,6 +31,7 @@ values of what clients score, and the share of the score energy a client drops.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -39,6 +45,9 @@ from softjax.run import experiment
 
 TAIL_ROUNDS = 20
 SOFT_DIAGNOSTICS = ("orth_residual_B", "orth_residual_A", "score_gap", "dropped_share")
+# Config fields that decide where a run executes or what it writes, not its numbers.
+_NOT_RESULTS = ("checkpoint", "metrics", "mesh", "data.data_dir", "model.cache_dir",
+                "fl.client_parallelism", "seed", "sweep.seed")
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:
@@ -103,17 +112,54 @@ def _members(summary: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
   return summary.get("members") or [dict(summary, setting={"seed": seeds[0]})]
 
 
-def _load(path: str, seeds: list[int]) -> dict[str, Any]:
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A short sha256 of the config less `_NOT_RESULTS` (seeds are checked on their own)."""
+  tree = config.to_dict()
+  for key in _NOT_RESULTS:
+    *parents, leaf = key.split(".")
+    node = tree
+    for parent in parents:
+      node = node.get(parent, {})
+    node.pop(leaf, None)
+  return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _last_round(record: dict[str, Any]) -> int | None:
+  runs = record.get("per_seed") or [{}]
+  rounds = runs[0].get("curve", {}).get("round")
+  return rounds[-1] if rounds else None
+
+
+def _mismatch(record: dict[str, Any], seeds: list[int], fields: dict[str, Any],
+              config: ml_collections.ConfigDict) -> str | None:
+  """What makes `record` another run than the one asked for, or None."""
+  if record["seeds"] != seeds:
+    return (f"holds seeds {record['seeds']}, not the {seeds} asked for (--seeds="
+            f"{','.join(map(str, record['seeds']))} reads it)")
+  for key, want in fields.items():
+    if record.get(key) != json.loads(json.dumps(want)):
+      return f"has {key}={record.get(key)!r}, not the {want!r} asked for"
+  last = _last_round(record)
+  if last is not None and last != config.fl.rounds:
+    return f"ran {last} rounds, not the {config.fl.rounds} asked for (--rounds)"
+  kept = record.get("config_sha256")
+  if kept is not None and kept != fingerprint(config):
+    return "was run with another configuration (its config_sha256 differs)"
+  return None
+
+
+def _load(path: str, seeds: list[int], fields: dict[str, Any],
+          config: ml_collections.ConfigDict) -> dict[str, Any]:
   try:
     with open(path) as f:
       record = json.load(f)
-    kept = record["seeds"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    problem = _mismatch(record, seeds, fields, config)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise errors.UserError(f"{path} is not a readable run summary ({e}); delete it to run "
                            "that configuration again") from None
-  if kept != seeds:
-    raise errors.UserError(f"{path} holds seeds {kept}, not the {seeds} asked for; pass "
-                           f"--seeds={','.join(map(str, kept))} or delete the file to rerun")
+  if problem:
+    raise errors.UserError(f"{path} {problem}; delete it (or pass another --runs) to run this "
+                           "configuration")
   return record
 
 
@@ -130,15 +176,15 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
     fields: what identifies the configuration in the record (method, rank, ...).
 
   Returns:
-    {name, **fields, seeds, per_seed: [seed_record], lora_shapes (the LoRA tree's shapes),
+    {name, **fields, seeds, config_sha256 (`fingerprint`), per_seed: [seed_record], lora_shapes (the LoRA tree's shapes),
     round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s
     (this invocation's, short when it resumed a finished workdir)}, or, when the loss went non-finite (a measured outcome too: recorded, not
     retried), {name, **fields, seeds, diverged}.
   """
   path = os.path.join(runs_dir, f"{name}.json")
   if os.path.exists(path):
-    return _load(path, seeds)
-  record = {"name": name, **fields, "seeds": seeds}
+    return _load(path, seeds, fields, config)
+  record = {"name": name, **fields, "seeds": seeds, "config_sha256": fingerprint(config)}
   try:
     summary = experiment.run(with_seeds(config, seeds), os.path.join(workdirs, name))
   except errors.NonFiniteLossError as e:

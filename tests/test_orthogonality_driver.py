@@ -1,5 +1,6 @@
 """experiments/stats.py by hand, and the orthogonality driver end to end at test scale."""
 
+import copy
 import json
 import math
 import os
@@ -118,3 +119,43 @@ def test_table_pairs_each_variant_with_the_baseline_by_seed():
   # The seeds differ by 10 points, the pairs by exactly 2: the paired interval is zero.
   assert "| reorth | offdiag | 0 | yes | 3 | 0.6200 ± 0.2484 |" in text
   assert text.splitlines()[-1].endswith("| +0.0200 ± 0.0000 |")
+
+
+def _stored_run(tmp_path, config, **changes):
+  """A finished run's summary as seeded.run writes it, with `changes` applied."""
+  record = {"name": "dense_r8", "method": "dense", "rank": 8, "seeds": [0, 1],
+            "config_sha256": seeded.fingerprint(config),
+            "per_seed": [{"setting": {"seed": s}, "final_accuracy": 0.5,
+                          "curve": {"round": [10, config.fl.rounds]}} for s in (0, 1)]}
+  record.update(changes)
+  (tmp_path / "dense_r8.json").write_text(json.dumps(record))
+  return record
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"seeds": [0, 1, 2]}, "holds seeds \\[0, 1, 2\\], not the \\[0, 1\\] asked for"),
+    ({"rank": 4}, "has rank=4, not the 8 asked for"),
+    ({"config_sha256": "0123456789abcdef"}, "was run with another configuration"),
+    ({"config_sha256": None, "per_seed": [{"curve": {"round": [10, 20]}}]},
+     "ran 20 rounds, not the 80 asked for"),
+])
+def test_a_summary_of_another_run_is_refused_in_one_line(tmp_path, monkeypatch, change, line):
+  def no_run(*args, **kwargs):
+    raise AssertionError("seeded.run ran instead of reading or refusing")
+
+  monkeypatch.setattr(experiment, "run", no_run)
+  from configs import quickstart
+  config = quickstart.get_config()
+  fields = {"method": "dense", "rank": 8}
+  stored = _stored_run(tmp_path, config)
+  assert seeded.run("dense_r8", config, [0, 1], str(tmp_path), str(tmp_path), fields) == stored
+  # Where the run executes (its parallelism, checkpoint cadence, seeds) is not its identity.
+  moved = copy.deepcopy(config).unlock()
+  moved.fl.client_parallelism, moved.checkpoint.every, moved.seed = 2, 1, 7
+  assert seeded.fingerprint(moved) == seeded.fingerprint(config)
+  _stored_run(tmp_path, config, **change)
+  with pytest.raises(errors.UserError, match=f"dense_r8.json {line}.*delete it"):
+    seeded.run("dense_r8", config, [0, 1], str(tmp_path), str(tmp_path), fields)
+  # A change of what decides the numbers changes the fingerprint.
+  moved.fl.client_lr = 0.05
+  assert seeded.fingerprint(moved) != seeded.fingerprint(config)
