@@ -329,6 +329,10 @@ def e2_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "best_rank": best, "tied_ranks": tied,
                  "in_tied": [k in tied for k in ranks],
                  **_per_seed(r, E2_METRICS + ("queue",))})
+  tsfa = next((row for row in rows if row["method"] == "tsfa"), None)
+  for row in rows:  # paired by seed: the same clients, channel draws and budget
+    row["tsfa_minus_this"] = None if tsfa in (None, row) or tsfa["seeds"] != row["seeds"] else [
+        t - a for t, a in zip(tsfa["final_accuracy"], row["final_accuracy"])]
   return rows
 
 
@@ -349,6 +353,7 @@ def e2_table(rows: list[dict[str, Any]]) -> str:
       ("method", lambda r: r["method"]), ("rank", _rank_cell),
       ("seeds", lambda r: str(len(r["seeds"]))),
       _ci_col("final accuracy", "final_accuracy"),
+      _ci_col("TSFA minus this (paired)", "tsfa_minus_this", "+.4f"),
       _ci_col("mean latency / budget", "latency_over_budget", ".3f"),
       _ci_col("max queue", "max_queue", ".2f"),
       _ci_col("final queue", "final_queue", ".2f"),
@@ -364,7 +369,8 @@ def e2_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   out = []
   for row in rows:
     rank = row["rank"] or max(set(row["seed_ranks"]), key=row["seed_ranks"].count)
-    metrics = E2_METRICS + ("uplink_mb",) + (("seed_ranks",) if row["method"] == "tsfa" else ())
+    metrics = E2_METRICS + ("uplink_mb",) + (
+        ("seed_ranks",) if row["method"] == "tsfa" else ("tsfa_minus_this",))
     out += _row_claims("e2", row, metrics, row["label"], rank, names={"seed_ranks": "rbar"})
   return out
 

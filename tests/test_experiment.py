@@ -355,7 +355,7 @@ def test_e2_driver_runs_seeded_ranks_and_checks_rbar(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4",
                   "--seeds=0,1")
   assert sorted(os.listdir(os.path.join(out, "runs"))) == [
-      "e2_osfa_r1.json", "e2_osfa_r4.json", "e2_tsfa.json"]
+      "e2_osfa_r1.json", "e2_osfa_r4.json", "e2_tsfa_1_4.json"]  # TSFA's named by candidates
   rows = json.load(open(os.path.join(out, "e2.json")))
   assert [(r["method"], r["rank"]) for r in rows] == [("osfa", 1), ("osfa", 4), ("tsfa", None)]
   tsfa_row = rows[-1]
@@ -363,7 +363,11 @@ def test_e2_driver_runs_seeded_ranks_and_checks_rbar(cache_dir, tmp_path):
   assert tsfa_row["in_tied"] == [k in tsfa_row["tied_ranks"] for k in tsfa_row["seed_ranks"]]
   for r in rows:
     assert len(r["final_accuracy"]) == 2 and all(len(q) == 3 for q in r["queue"])
-  run = json.load(open(os.path.join(out, "runs", "e2_tsfa.json")))
+  for r in rows[:-1]:  # paired by seed against TSFA
+    assert r["tsfa_minus_this"] == pytest.approx(
+        [t - a for t, a in zip(tsfa_row["final_accuracy"], r["final_accuracy"])])
+  assert tsfa_row["tsfa_minus_this"] is None
+  run = json.load(open(os.path.join(out, "runs", "e2_tsfa_1_4.json")))
   assert set(run["per_seed"][0]["offline"]["objective"]) == {"1", "4"}  # JSON keys
   # One budget per seed for every run: a fraction of the same dense reference on that seed's
   # channel (the seed places the clients).
