@@ -26,6 +26,20 @@ class Basis(NamedTuple):
   H_inv: jax.Array  # [r, r]
 
 
+def product_svd(left: jax.Array, right: jax.Array):
+  """The thin SVD of left @ right [m, n] without forming it: left = Q_L R_L and
+  right^T = Q_R R_R (thin QR), then the j x j core R_L R_R^T = U S V^T, so that
+  left @ right = (Q_L U) diag(S) (V^T Q_R^T). O((m + n) j^2) for an inner size j.
+
+  Returns:
+    (Q_L, U, S, V^T, Q_R, R_R).
+  """
+  q_l, r_l = lapack.qr(left)
+  q_r, r_r = lapack.qr(right.T)
+  u, s, vt = lapack.svd(jnp.matmul(r_l, r_r.T, precision=jax.lax.Precision.HIGHEST))
+  return q_l, u, s, vt, q_r, r_r
+
+
 def reorthogonalize_layer(B: jax.Array, A: jax.Array) -> tuple[jax.Array, jax.Array, Basis]:
   """(B', A', basis) with B'A' = BA, A' orthonormal rows, B' orthogonal columns of norms S.
 
@@ -46,9 +60,7 @@ def reorthogonalize_layer(B: jax.Array, A: jax.Array) -> tuple[jax.Array, jax.Ar
   References: ALGORITHM.md section 2.1.
   """
   hi = jax.lax.Precision.HIGHEST  # r x r and thin products: full precision costs little
-  q_b, r_b = lapack.qr(B)
-  q_a, r_a = lapack.qr(A.T)
-  u, s, vt = lapack.svd(jnp.matmul(r_b, r_a.T, precision=hi))
+  q_b, u, s, vt, q_a, r_a = product_svd(B, A)
   # H = V^T R_A^-T, i.e. H^T = R_A^-1 V: one triangular solve.
   h = lapack.solve_upper(r_a, vt.T).T
   h_inv = jnp.matmul(r_a.T, vt.T, precision=hi)

@@ -1,0 +1,158 @@
+"""Federated LoRA aggregation rules, as pure functions of one layer's received factors.
+
+Every rule reads the K clients' factors B_k [K, d_out, r], A_k [K, r, d_in] and the weights
+p [K] (`aggregation.aggregation_weights`, summing to 1), and returns a `LayerAggregate`: the
+next global factors and, for the rules that change the frozen weight, that change in factored
+form, W0 <- W0 + s * fold_left @ fold_right (s = alpha / r, the adapter scale). Keeping the fold
+factored is what the downlink sends and costs O((d_in + d_out) j) instead of d_out x d_in.
+
+The ideal aggregate is the weighted mean of the clients' products, sum_k p_k B_k A_k. What a
+rule leaves of it is `aggregation_error`: for separate averaging it is the covariance term of
+ALGORITHM.md 3; FLoRA and FedEx-LoRA fold it into W0 and leave none; FlexLoRA leaves its
+truncation.
+
+The rules here only compute the server's side. Which factors a client trains (FFA-LoRA: B
+only; RoLoRA: B or A by round) and which state persists between rounds (FedSA-LoRA's per-client
+B, the folded W0) are the round's business.
+
+References: docs/algorithm.md section 5 (each rule's update and its source paper).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from softjax.sparsify import lapack
+from softjax.sparsify.reorthogonalize import product_svd
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+class LayerAggregate(NamedTuple):
+  """The server's result for one layer."""
+  B: jax.Array  # [d_out, r], or [K, d_out, r] where each client keeps its own B (FedSA-LoRA)
+  A: jax.Array  # [r, d_in]
+  fold_left: jax.Array | None = None  # [d_out, j]: W0 += s * fold_left @ fold_right
+  fold_right: jax.Array | None = None  # [j, d_in]
+
+
+def _mean(x: jax.Array, p: jax.Array) -> jax.Array:
+  return jnp.tensordot(p, x, axes=1, precision=_HI)
+
+
+def _stacked(B: jax.Array, A: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """sum_k p_k B_k A_k as one product: [p_1 B_1 | ... | p_K B_K] @ [A_1; ...; A_K]."""
+  k, d_out, r = B.shape
+  left = jnp.moveaxis(p[:, None, None] * B, 0, 1).reshape(d_out, k * r)
+  return left, A.reshape(k * r, A.shape[-1])
+
+
+def fedit(B: jax.Array, A: jax.Array, p: jax.Array) -> LayerAggregate:
+  """Separate averaging (FedIT): Bbar = sum_k p_k B_k, Abar = sum_k p_k A_k."""
+  return LayerAggregate(B=_mean(B, p), A=_mean(A, p))
+
+
+def ffa(B: jax.Array, A: jax.Array, p: jax.Array) -> LayerAggregate:
+  """FFA-LoRA: A stays at its initialization (every client holds the same one), B averaged;
+  with A shared the average of the products is exact, Bbar A."""
+  return LayerAggregate(B=_mean(B, p), A=A[0])
+
+
+def fedsa(B: jax.Array, A: jax.Array, p: jax.Array) -> LayerAggregate:
+  """FedSA-LoRA: A averaged and shared; each client keeps its own B (returned per client)."""
+  return LayerAggregate(B=B, A=_mean(A, p))
+
+
+def rolora(B: jax.Array, A: jax.Array, p: jax.Array, train_b: jax.Array) -> LayerAggregate:
+  """RoLoRA: in a round that trains B (`train_b` true) B is averaged and A was frozen; in the
+  next A is averaged and B was frozen. The frozen factor is the same on every client, so either
+  round's aggregate is the exact average of the products."""
+  return LayerAggregate(B=jnp.where(train_b, _mean(B, p), B[0]),
+                        A=jnp.where(train_b, A[0], _mean(A, p)))
+
+
+def flora(B: jax.Array, A: jax.Array, p: jax.Array, fresh_A: jax.Array) -> LayerAggregate:
+  """FLoRA: the stacked factors give sum_k p_k B_k A_k exactly; it is folded into W0 and the
+  adapter restarts from B = 0 and a fresh A (`fresh_A` [r, d_in])."""
+  left, right = _stacked(B, A, p)
+  return LayerAggregate(B=jnp.zeros_like(B[0]), A=fresh_A, fold_left=left, fold_right=right)
+
+
+def fedex(B: jax.Array, A: jax.Array, p: jax.Array) -> LayerAggregate:
+  """FedEx-LoRA: separate averaging, plus the residual sum_k p_k B_k A_k - Bbar Abar folded
+  into W0, sent factored as [p_1 B_1 | ... | p_K B_K | -Bbar] @ [A_1; ...; A_K; Abar]."""
+  mean = fedit(B, A, p)
+  left, right = _stacked(B, A, p)
+  return mean._replace(fold_left=jnp.concatenate([left, -mean.B], axis=1),
+                       fold_right=jnp.concatenate([right, mean.A], axis=0))
+
+
+def flexlora(B: jax.Array, A: jax.Array, p: jax.Array, rank: int) -> LayerAggregate:
+  """FlexLoRA: the average of the products, truncated to its best rank-`rank` approximation
+  (Eckart-Young) by an SVD of the stacked factors, never the d_out x d_in product; singular
+  values on B, so A's rows come out orthonormal. Components beyond the K r the clients sent
+  are zero."""
+  left, right = _stacked(B, A, p)
+  q_l, u, s, vt, q_r, _ = product_svd(left, right)
+  new_b = jnp.matmul(q_l, u[:, :rank] * s[None, :rank], precision=_HI)
+  new_a = jnp.matmul(vt[:rank], q_r.T, precision=_HI)
+  pad = rank - new_b.shape[1]
+  if pad > 0:
+    new_b = jnp.pad(new_b, ((0, 0), (0, pad)))
+    new_a = jnp.pad(new_a, ((0, pad), (0, 0)))
+  return LayerAggregate(B=new_b, A=new_a)
+
+
+def fedsvd(B: jax.Array, A: jax.Array, p: jax.Array) -> LayerAggregate:
+  """FedSVD-style: clients train B with A shared; the server re-factorizes Bbar A = U S V^T
+  (thin QR of A^T and an SVD of the d_out x r matrix Bbar R^T), so the next A = V^T has
+  orthonormal rows and B = U S; the product is kept exactly."""
+  q_b, u, s, vt, q_a, _ = product_svd(_mean(B, p), A[0])
+  return LayerAggregate(B=jnp.matmul(q_b, u * s[None, :], precision=_HI),
+                        A=jnp.matmul(vt, q_a.T, precision=_HI))
+
+
+def rank_mask(ranks: jax.Array, r_max: int) -> jax.Array:
+  """[K, r_max] 1 on each client's first ranks[k] components (HetLoRA's zero padding)."""
+  return (jnp.arange(r_max)[None, :] < ranks[:, None]).astype(jnp.float32)
+
+
+def hetlora(B: jax.Array, A: jax.Array, p: jax.Array, ranks: jax.Array) -> LayerAggregate:
+  """Heterogeneous ranks (HetLoRA-style): client k's factors are zero beyond its rank, the
+  server averages the padded factors at r_max; each client then truncates the global factors
+  to its own rank (`truncate`). Masking keeps every client in one vmapped shape."""
+  mask = rank_mask(ranks, B.shape[-1])
+  return fedit(B * mask[:, None, :], A * mask[:, :, None], p)
+
+
+def truncate(B: jax.Array, A: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A client's view of rank-r_max global factors at its own rank (zeros beyond it)."""
+  keep = (jnp.arange(B.shape[-1]) < rank).astype(B.dtype)
+  return B * keep[None, :], A * keep[:, None]
+
+
+def _frobenius(left: jax.Array, right: jax.Array) -> jax.Array:
+  """||left @ right||_F as ||R_L R_R^T||_F from thin QR factors (a j x j core), so that a
+  near-exact rule's small error is not lost to cancellation between large Gram traces."""
+  _, r_l = lapack.qr(left)
+  _, r_r = lapack.qr(right.T)
+  return jnp.linalg.norm(jnp.matmul(r_l, r_r.T, precision=_HI))
+
+
+def aggregation_error(B: jax.Array, A: jax.Array, p: jax.Array,
+                      result: LayerAggregate) -> jax.Array:
+  """||sum_k p_k B_k A_k - (fold + what the clients hold next)||_F, without any d_out x d_in
+  product. What the clients hold next is Bbar A, or sum_k p_k B_k A for a per-client B."""
+  ideal = _stacked(B, A, p)
+  parts = [(result.fold_left, result.fold_right)] if result.fold_left is not None else []
+  if result.B.ndim == 3:
+    parts.append(_stacked(result.B, jnp.broadcast_to(result.A, A.shape), p))
+  else:
+    parts.append((result.B, result.A))
+  # ideal - held as one factored product: [L_ideal | -L_held] @ [R_ideal; R_held].
+  left = jnp.concatenate([ideal[0]] + [-l for l, _ in parts], axis=1)
+  right = jnp.concatenate([ideal[1]] + [r for _, r in parts], axis=0)
+  return _frobenius(left, right)

@@ -1,0 +1,135 @@
+"""softjax/federated/lora_rules.py: every rule against a hand-computed two- or three-client
+result, and aggregation_error against the dense products it avoids forming."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softjax.federated import lora_rules as rules
+
+HALF = jnp.array([0.5, 0.5])
+# Two rank-1 clients on a 2 x 2 layer whose products are the two diagonal units:
+# sum_k p_k B_k A_k = I / 2, while separate averaging gives Bbar Abar = ones / 4.
+B_DIAG = jnp.array([[[1.0], [0.0]], [[0.0], [1.0]]])  # [K=2, d_out=2, r=1]
+A_DIAG = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # [K=2, r=1, d_in=2]
+
+
+def _fold(result):
+  return result.fold_left @ result.fold_right
+
+
+def test_fedit_by_hand_two_and_three_clients():
+  out = rules.fedit(B_DIAG, A_DIAG, HALF)
+  chex.assert_trees_all_close(out.B, jnp.array([[0.5], [0.5]]))
+  chex.assert_trees_all_close(out.A, jnp.array([[0.5, 0.5]]))
+  assert out.fold_left is None
+  # The covariance term: I/2 - ones/4 = [[.25, -.25], [-.25, .25]], Frobenius norm 0.5.
+  assert float(rules.aggregation_error(B_DIAG, A_DIAG, HALF, out)) == pytest.approx(0.5)
+  # Three clients, p = (1/2, 1/4, 1/4): 0.5 * 2 + 0.25 * 0 + 0.25 * 4 = 2; 0 + 1 + 1 = 2.
+  b3 = jnp.array([[[2.0], [0.0]], [[0.0], [4.0]], [[4.0], [4.0]]])
+  a3 = jnp.ones((3, 1, 2))
+  out3 = rules.fedit(b3, a3, jnp.array([0.5, 0.25, 0.25]))
+  chex.assert_trees_all_close(out3.B, jnp.array([[2.0], [2.0]]))
+  chex.assert_trees_all_close(out3.A, jnp.ones((1, 2)))
+
+
+def test_fedex_folds_exactly_the_covariance_term():
+  out = rules.fedex(B_DIAG, A_DIAG, HALF)
+  chex.assert_trees_all_close(out.B, jnp.array([[0.5], [0.5]]))
+  chex.assert_shape(out.fold_left, (2, 3))  # K r + r columns: sent factored
+  chex.assert_trees_all_close(_fold(out), jnp.array([[0.25, -0.25], [-0.25, 0.25]]), atol=1e-6)
+  assert float(rules.aggregation_error(B_DIAG, A_DIAG, HALF, out)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_flora_folds_the_mean_product_and_restarts_the_adapter():
+  fresh = jnp.array([[3.0, -1.0]])
+  out = rules.flora(B_DIAG, A_DIAG, HALF, fresh)
+  chex.assert_trees_all_close(_fold(out), 0.5 * jnp.eye(2))
+  chex.assert_trees_all_close(out.B, jnp.zeros((2, 1)))
+  chex.assert_trees_all_close(out.A, fresh)
+  assert float(rules.aggregation_error(B_DIAG, A_DIAG, HALF, out)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_flexlora_truncates_the_mean_product():
+  # I/2 has two singular values 0.5: rank 1 keeps one, so it leaves 0.5; rank 2 is exact.
+  one = rules.flexlora(B_DIAG, A_DIAG, HALF, rank=1)
+  chex.assert_shape((one.B, one.A), ((2, 1), (1, 2)))
+  assert float(jnp.linalg.norm(one.B @ one.A)) == pytest.approx(0.5, abs=1e-6)
+  chex.assert_trees_all_close(one.A @ one.A.T, jnp.eye(1), atol=1e-6)
+  assert float(rules.aggregation_error(B_DIAG, A_DIAG, HALF, one)) == pytest.approx(0.5, abs=1e-6)
+  two = rules.flexlora(B_DIAG, A_DIAG, HALF, rank=2)
+  chex.assert_trees_all_close(two.B @ two.A, 0.5 * jnp.eye(2), atol=1e-6)
+  # More components than the clients sent: the extra ones are zero.
+  three = rules.flexlora(B_DIAG, A_DIAG, HALF, rank=3)
+  chex.assert_shape((three.B, three.A), ((2, 3), (3, 2)))
+  chex.assert_trees_all_close(three.B @ three.A, 0.5 * jnp.eye(2), atol=1e-6)
+
+
+def test_ffa_and_rolora_average_only_the_trained_factor():
+  shared_a = jnp.broadcast_to(jnp.array([[1.0, 0.0]]), (2, 1, 2))
+  out = rules.ffa(B_DIAG, shared_a, HALF)
+  chex.assert_trees_all_close((out.B, out.A), (jnp.array([[0.5], [0.5]]), shared_a[0]))
+  # A shared: the mean of the products is Bbar A exactly.
+  assert float(rules.aggregation_error(B_DIAG, shared_a, HALF, out)) == pytest.approx(0.0)
+  b_round = rules.rolora(B_DIAG, shared_a, HALF, jnp.array(True))
+  chex.assert_trees_all_close((b_round.B, b_round.A), (out.B, out.A))
+  shared_b = jnp.broadcast_to(jnp.array([[2.0], [0.0]]), (2, 2, 1))
+  a_round = rules.rolora(shared_b, A_DIAG, HALF, jnp.array(False))
+  chex.assert_trees_all_close((a_round.B, a_round.A),
+                              (shared_b[0], jnp.array([[0.5, 0.5]])))
+  assert float(rules.aggregation_error(shared_b, A_DIAG, HALF, a_round)) == pytest.approx(0.0)
+
+
+def test_fedsa_keeps_each_clients_b():
+  out = rules.fedsa(B_DIAG, A_DIAG, HALF)
+  chex.assert_trees_all_close((out.B, out.A), (B_DIAG, jnp.array([[0.5, 0.5]])))
+  # Clients next hold B_k Abar: sum_k p_k B_k Abar = ones / 4, so 0.5 is left, as for FedIT.
+  assert float(rules.aggregation_error(B_DIAG, A_DIAG, HALF, out)) == pytest.approx(0.5)
+
+
+def test_fedsvd_refactorizes_with_orthonormal_a():
+  # A = 2 (0.6, 0.8) shared; Bbar = (0.5, 1): Bbar A = [[.6, .8], [1.2, 1.6]], one singular
+  # value |Bbar| |A| = sqrt(1.25) * 2.
+  a = jnp.broadcast_to(jnp.array([[1.2, 1.6]]), (2, 1, 2))
+  b = jnp.array([[[1.0], [0.0]], [[0.0], [2.0]]])
+  out = rules.fedsvd(b, a, HALF)
+  chex.assert_trees_all_close(out.B @ out.A, jnp.array([[0.6, 0.8], [1.2, 1.6]]), atol=1e-6)
+  chex.assert_trees_all_close(out.A @ out.A.T, jnp.eye(1), atol=1e-6)
+  assert float(jnp.linalg.norm(out.B)) == pytest.approx(2.0 * 1.25 ** 0.5, abs=1e-5)
+  assert float(rules.aggregation_error(b, a, HALF, out)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_hetlora_pads_averages_and_truncates():
+  b, a = jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2))
+  out = rules.hetlora(b, a, HALF, jnp.array([1, 2]))
+  # Client 0 has rank 1: its second column of B and row of A count as zero.
+  chex.assert_trees_all_close(out.B, jnp.array([[1.0, 0.5], [1.0, 0.5]]))
+  chex.assert_trees_all_close(out.A, jnp.array([[1.0, 1.0], [0.5, 0.5]]))
+  low_b, low_a = rules.truncate(out.B, out.A, jnp.array(1))
+  chex.assert_trees_all_close((low_b, low_a), (jnp.array([[1.0, 0.0], [1.0, 0.0]]),
+                                               jnp.array([[1.0, 1.0], [0.0, 0.0]])))
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedex", "flora", "flexlora", "fedsvd", "fedsa"])
+def test_aggregation_error_matches_dense_products(name):
+  kb, ka, kf = jax.random.split(jax.random.PRNGKey(0), 3)
+  k, d_out, d_in, r = 3, 6, 5, 2
+  b = jax.random.normal(kb, (k, d_out, r))
+  a = jax.random.normal(ka, (k, r, d_in))
+  if name == "fedsvd":
+    a = jnp.broadcast_to(a[0], a.shape)
+  p = jnp.array([0.2, 0.3, 0.5])
+  extra = {"flora": (jax.random.normal(kf, (r, d_in)),), "flexlora": (r,)}.get(name, ())
+  out = getattr(rules, name)(b, a, p, *extra)
+  ideal = np.einsum("k,kor,krd->od", p, b, a)
+  held = (np.einsum("k,kor,rd->od", p, out.B, out.A) if out.B.ndim == 3
+          else np.asarray(out.B @ out.A))
+  if out.fold_left is not None:
+    held = held + np.asarray(_fold(out))
+  expected = np.linalg.norm(ideal - held)
+  assert float(rules.aggregation_error(b, a, p, out)) == pytest.approx(expected, abs=1e-4)
+  if name == "flexlora":  # Eckart-Young: the error is the dropped singular values' norm
+    s = np.linalg.svd(ideal, compute_uv=False)
+    assert expected == pytest.approx(np.sqrt(np.sum(s[r:] ** 2)), abs=1e-4)
