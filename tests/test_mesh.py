@@ -313,3 +313,20 @@ def test_client_parallelism_zero_picks_the_backend_best(cache_dir):
   assert pick(config, mesh, True, "gpu") == 3  # a sweep member trains all of its clients
   config.fl.client_parallelism = 2
   assert pick(config, None, False, "cpu") == 2
+
+
+@pytest.mark.slow
+def test_a_server_optimizer_runs_in_a_sharded_sweep(cache_dir, tmp_path):
+  # Its moments are replicated state on the mesh and stacked per member in a sweep.
+  from softjax.run import experiment
+
+  fedadam = {"server.optimizer": "fedadam", "server.lr": 0.05, "sweep.zeta": "0,0.1",
+             "sweep.mode": "zip"}
+  want = experiment.run(run_config(cache_dir, **fedadam), str(tmp_path / "one"))
+  got = experiment.run(run_config(cache_dir, **fedadam, **{"mesh.devices": 2}),
+                       str(tmp_path / "mesh"))
+  assert got["devices"] == 2 and got["round_traces"] == 1
+  assert_rows_close(got["rows"], want["rows"])
+  plain = experiment.run(run_config(cache_dir, **{"sweep.zeta": "0,0.1", "sweep.mode": "zip"}),
+                         str(tmp_path / "plain"))
+  assert [r["train_loss"] for r in plain["rows"]][1:] != [r["train_loss"] for r in want["rows"]][1:]

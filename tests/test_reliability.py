@@ -189,10 +189,10 @@ def test_resume_with_another_model_size_lists_the_shapes(reference, cache_dir):
     experiment.run(config, workdir)
   message = str(err.value)
   # tiny: width 16, depth 2; cpu_small: width 128, depth 6; rank 4 either way.
-  block0 = "['lora']['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']"
-  assert f"{block0}['query']['B']: checkpoint (16, 4) vs model (128, 4)" in message
-  assert "['head']['kernel']: checkpoint (16, 10) vs model (128, 10)" in message
-  assert "missing in checkpoint: ['lora']['Transformer']['encoderblock_5']" in message
+  block0 = "lora/Transformer/encoderblock_0/MultiHeadDotProductAttention_1"
+  assert f"{block0}/query/B: checkpoint (16, 4) vs model (128, 4)" in message
+  assert "head/kernel: checkpoint (16, 10) vs model (128, 10)" in message
+  assert "missing in checkpoint: lora/Transformer/encoderblock_5" in message
   assert steps_in(workdir) == [4, 6]
 
 

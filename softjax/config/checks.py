@@ -23,6 +23,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model(config)
   _validate_method(config.method)
   _validate_fl(config.fl)
+  _validate_server(config)
   _validate_wireless(config.wireless)
   _validate_controller(config)
   _validate_mesh(config)
@@ -87,6 +88,22 @@ def _validate_fl(fl: ml_collections.ConfigDict) -> None:
   rules.integer("fl.client_parallelism", fl.client_parallelism, 0, fl.clients_per_round,
                 " (at most fl.clients_per_round; 0 = the backend's best)")
   rules.choice("fl.value_bits", fl.value_bits, choices.PAYLOAD_VALUE_BITS)
+
+
+def _validate_server(config: ml_collections.ConfigDict) -> None:
+  s = config.server
+  rules.choice("server.optimizer", s.optimizer, choices.SERVER_OPTIMIZERS)
+  rules.positive("server.lr", s.lr)
+  rules.number("server.momentum", s.momentum, 0, 1, open_high=True)
+  rules.number("server.b1", s.b1, 0, 1, open_high=True)
+  rules.number("server.b2", s.b2, 0, 1, open_high=True)
+  rules.positive("server.tau", s.tau)
+  # Server re-orthogonalization changes the factors' basis every round; the moments would stay
+  # in the old one.
+  rules.check(not (config.method.reorthogonalize and s.optimizer != "fedavg"),
+              "server.optimizer", s.optimizer,
+              "must be fedavg with method.reorthogonalize=True (the optimizer's moments do not "
+              "follow the change of basis)")
 
 
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:

@@ -81,6 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.client_parallelism = 0
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
 
+  # The server's step on the aggregate (FedOpt; federated/server_opt.py, docs/algorithm.md 6).
+  c.server = ml_collections.ConfigDict()
+  c.server.optimizer = "fedavg"  # fedavg (the aggregate as it is) | fedavgm | fedadagrad | fedyogi | fedadam
+  c.server.lr = 1.0  # server learning rate (fedavgm: 1.0 with momentum; adaptive: e.g. 0.01-0.1)
+  c.server.momentum = 0.9  # fedavgm
+  c.server.b1 = 0.9  # first-moment decay (adaptive)
+  c.server.b2 = 0.99  # second-moment decay (fedyogi, fedadam)
+  c.server.tau = 1e-3  # adaptivity floor: step lr m / (sqrt(v) + tau), v starts at tau^2
+
   # The simulated uplink (ALGORITHM.md 4). Every run simulates it and reports its latency; only the
   # osfa / tsfa controllers act on it.
   c.wireless = ml_collections.ConfigDict()

@@ -125,11 +125,12 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
 
 def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
   """The layout a clients-mesh round keeps a federated.ServerState in, one sharding per leaf:
-  the global model and the round counter replicated, the [N, ...] residuals split along N
-  (replicated when N does not divide evenly)."""
+  the global model, the server optimizer's state and the round counter replicated, the
+  [N, ...] residuals split along N (replicated when N does not divide evenly)."""
   rep = replicated(mesh)
   return state._replace(
       trainable=jax.tree.map(lambda _: rep, state.trainable), round=rep,
+      server_opt=jax.tree.map(lambda _: rep, state.server_opt),
       residuals=jax.tree.map(lambda x: leading_sharding(mesh, x.shape[0]), state.residuals))
 
 

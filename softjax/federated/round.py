@@ -35,6 +35,7 @@ from softjax.federated.aggregation import (
   covariance_diagnostic,
   global_orth_residual,
 )
+from softjax.federated import server_opt as server_opt_lib
 from softjax.federated.client import make_client_update
 from softjax.federated.types import (
   ApplyFn,
@@ -69,7 +70,8 @@ class RoundPhases:
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
                 client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
                 penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
-                reorthogonalize: bool = False) -> RoundPhases:
+                reorthogonalize: bool = False,
+                server_optimizer: optax.GradientTransformation | None = None) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -84,12 +86,17 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     head_params: values in the head, sent densely by every client.
     reorthogonalize: re-orthogonalize the global factors after each aggregation, product kept
       (ALGORITHM.md 2.1), with every residual moved into the new basis; factor uploads only.
+    server_optimizer: a FedOpt step on the aggregate (federated/server_opt.py); None: FedAvg.
+      Its state must be in the ServerState (`init_state(..., server_opt=tx.init(trainable))`).
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty)
   method = sparsifier or sparsifiers.make_sparsifier("dense")
   if reorthogonalize and not method.factor_upload:
     raise ValueError(f"reorthogonalize needs factor uploads; {method.name} sends products")
+  if reorthogonalize and server_optimizer is not None:
+    # The moments live in the factors' old basis; Adam-type moments do not change basis.
+    raise ValueError("reorthogonalize cannot run with a server optimizer")
 
   def clients(glob, frozen, data, hparams, client_ids, keys, residuals, slot_data):
     """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses.
@@ -114,13 +121,16 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
                        batch_size=client_parallelism)
 
-  return RoundPhases(clients=clients, server=_server_phase(method, reorthogonalize),
+  return RoundPhases(clients=clients,
+                     server=_server_phase(method, reorthogonalize, server_optimizer),
                      metrics=_metrics_phase(method, value_bits, head_params),
                      error_feedback=method.error_feedback)
 
 
-def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False):
-  """The server phase of `method`: aggregation and the residual store (ALGORITHM.md 2.4, 3)."""
+def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
+                  server_optimizer: optax.GradientTransformation | None = None):
+  """The server phase of `method`: aggregation, the server optimizer's step on it, and the
+  residual store (ALGORITHM.md 2.4, 3)."""
 
   def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts):
     """The next global factors, head and residual store; and the aggregation weights."""
@@ -128,6 +138,9 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False)
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
+    trainable, opt_state = Trainable(lora=lora, head=head), state.server_opt
+    if server_optimizer is not None:
+      trainable, opt_state = server_opt_lib.step(server_optimizer, glob, trainable, opt_state)
     residuals = state.residuals
     if method.error_feedback:
       # A client whose upload was lost keeps all of U (what it sent, and what it held back).
@@ -139,11 +152,12 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False)
           lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
     if reorthogonalize:
       # Every stored residual is in the old basis, the sampled clients' just written included.
-      lora, bases = reorth.reorthogonalize(lora)
+      lora, bases = reorth.reorthogonalize(trainable.lora)
+      trainable = trainable._replace(lora=lora)
       if method.error_feedback:
         residuals = reorth.change_basis(residuals, bases)
-    new_state = ServerState(trainable=Trainable(lora=lora, head=head), round=state.round + 1,
-                            residuals=residuals)
+    new_state = ServerState(trainable=trainable, round=state.round + 1, residuals=residuals,
+                            server_opt=opt_state)
     return new_state, weights
 
   return server

@@ -28,6 +28,7 @@ class ServerState(NamedTuple):
   trainable: Trainable
   round: jax.Array  # int32 [], rounds completed
   residuals: PyTree  # error-feedback residuals, LoRA structure with a leading [N] axis; {} if off
+  server_opt: PyTree = ()  # the server optimizer's state over `trainable`; () for plain FedAvg
 
 
 class FederatedData(NamedTuple):
@@ -78,10 +79,11 @@ class RoundMetrics(NamedTuple):
   score_energy: jax.Array  # float32 [], sum over clients and layers of sum_i s_i^2
 
 
-def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool
-               ) -> ServerState:
-  """Round 0: the initial global factors and head, zero residuals for all N clients."""
+def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool,
+               server_opt: PyTree = ()) -> ServerState:
+  """Round 0: the initial global factors and head, zero residuals for all N clients, and the
+  server optimizer's initial state (`server_opt.make(...).init(trainable)`, () for FedAvg)."""
   residuals = (jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)
                if error_feedback else {})
   return ServerState(trainable=Trainable(lora=lora, head=head),
-                     round=jnp.zeros((), jnp.int32), residuals=residuals)
+                     round=jnp.zeros((), jnp.int32), residuals=residuals, server_opt=server_opt)

@@ -142,10 +142,11 @@ class RunCheckpointer:
     """Compares the saved tree's leaf paths and shapes (metadata) with the template's."""
     if saved is None:
       return
-    want = {jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_leaves_with_path(template)}
-    have = {jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    # Paths as plain names: the metadata gives a NamedTuple's fields (the server optimizer's
+    # state) as dict keys.
+    path = lambda p: jax.tree_util.keystr(p, simple=True, separator="/")  # noqa: E731
+    want = {path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(template)}
+    have = {path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
     problems = [f"missing in checkpoint: {k}" for k in sorted(want.keys() - have.keys())]
     problems += [f"not in this model: {k}" for k in sorted(have.keys() - want.keys())]
     problems += [f"{k}: checkpoint {have[k]} vs model {want[k]}"

@@ -18,7 +18,7 @@ from softjax.federated import round as round_lib
 from softjax.federated import types as fl_types
 from softjax.models import lora as lora_lib
 from softjax.run import state as run_state
-from softjax.run.setup import Member, SharedSetup
+from softjax.run.setup import Member, SharedSetup, server_optimizer
 from softjax.sparsify import soft
 from softjax.tsfa import controller as controller_lib
 
@@ -54,7 +54,8 @@ class RoundRunner:
         batch_size=fl.batch_size,
         client_parallelism=client_parallelism(config, mesh, self.swept, jax.default_backend()),
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
-        head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize)
+        head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize,
+        server_optimizer=server_optimizer(config))
     eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in lora_lib.factor_pairs(lora)[0]]

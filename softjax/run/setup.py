@@ -24,7 +24,7 @@ from softjax.data import layout as layout_lib
 from softjax.data import partition as partition_lib
 from softjax.data import sources
 from softjax.errors import ConfigError
-from softjax.federated import placement
+from softjax.federated import placement, server_opt
 from softjax.federated import types as fl_types
 from softjax.models import apply as apply_lib
 from softjax.models import backbone as backbone_lib
@@ -287,8 +287,10 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
   model = apply_lib.make_model(config, shared.vit_config, uplink.rank)
   lora = lora_lib.init_lora(model, jax.random.fold_in(jax.random.key(config.seed), 1),
                             shared.image_shape)
-  state = fl_types.init_state(lora, shared.head, config.fl.num_clients,
-                               shared.sparsifier.error_feedback)
+  tx = server_optimizer(config)
+  state = fl_types.init_state(
+      lora, shared.head, config.fl.num_clients, shared.sparsifier.error_feedback,
+      server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)))
   member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
                   controller=make_controller(config, uplink, lora, shared.head_params),
@@ -313,6 +315,12 @@ def build_setup(config: ml_collections.ConfigDict) -> tuple[SharedSetup, list[Me
         "through the channel); a sweep needs one rank: sweep fewer fields or use osfa")
   shared.apply_fn = apply_lib.make_apply_fn(models[0])
   return shared, list(members)
+
+
+def server_optimizer(config: ml_collections.ConfigDict):
+  """The config's server optimizer (federated/server_opt.py); None for plain FedAvg."""
+  s = config.server
+  return server_opt.make(s.optimizer, lr=s.lr, momentum=s.momentum, b1=s.b1, b2=s.b2, tau=s.tau)
 
 
 def make_sparsifier(method: ml_collections.ConfigDict) -> sparsifiers.Sparsifier:

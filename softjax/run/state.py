@@ -1,8 +1,8 @@
 """The whole run state as one pytree: the device state of the round and the controller's state.
 
 `RunState.server` is what the jitted round takes and returns (global factors, head, round,
-error-feedback residuals of all N clients); `RunState.controller` is the host state of the
-latency controller (virtual queue, solver failures). For a sweep every leaf has a leading
+error-feedback residuals of all N clients, the server optimizer's state); `RunState.controller`
+is the host state of the latency controller (virtual queue, solver failures). For a sweep every leaf has a leading
 `[S]` member axis. Orbax saves `to_tree(state)` whole.
 """
 
@@ -29,14 +29,17 @@ def to_tree(state: RunState) -> dict:
   """The checkpointed tree; its keys are those of the checkpoints made before the controller
   state joined it, plus `controller`."""
   server = state.server
-  return {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
+  tree = {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
           "residuals": server.residuals, "controller": state.controller._asdict()}
+  if jax.tree.leaves(server.server_opt):  # plain FedAvg keeps the tree of earlier checkpoints
+    tree["server_opt"] = server.server_opt
+  return tree
 
 
 def from_tree(tree: dict) -> RunState:
   server = fl_types.ServerState(
       trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
-      residuals=tree.get("residuals", {}))
+      residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()))
   c = tree["controller"]
   controller = controller_lib.ControllerState(
       queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
