@@ -5,6 +5,7 @@ import math
 import os
 
 import chex
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -95,6 +96,7 @@ def test_fedavgm_without_momentum_at_lr_one_is_fedavg(cache_dir, tmp_path):
     ("server.optimizer", "fedprox", "server.optimizer.*must be one of fedavg"),
     ("server.lr", float("nan"), "server.lr.*must be a finite number > 0"),
     ("server.b2", 1.0, "server.b2.*must be a finite number in \\[0, 1\\)"),
+    ("fl.prox_mu", -0.1, "fl.prox_mu.*must be a finite number >= 0"),
 ])
 def test_bad_server_fields_are_named(field, value, line):
   config = config_lib.load("configs/quickstart.py").unlock()
@@ -119,3 +121,30 @@ def test_the_round_refuses_reorthogonalize_with_a_server_optimizer():
     round_lib.make_phases(lambda *a: None, optimizer="sgd", local_steps=1, batch_size=1,
                           client_parallelism=1, sparsifier=sparsifier.make_sparsifier("soft"),
                           reorthogonalize=True, server_optimizer=server_opt.make("fedadam"))
+
+
+def test_fedprox_client_steps_against_a_hand_written_reference():
+  from softjax.data import batching
+  from softjax.federated import client as client_lib
+  from softjax.federated import types as fl_types
+
+  images = jnp.arange(16, dtype=jnp.uint8).reshape(4, 2, 2, 1) * 15
+  labels = jnp.array([0, 1, 1, 0], jnp.int32)
+  data = fl_types.FederatedData(images=images, labels=labels,
+                                table=jnp.arange(4, dtype=jnp.int32)[None], counts=jnp.array([4]))
+  apply_fn = lambda frozen, p, x: x.reshape(x.shape[0], -1) @ p.head["w"]  # noqa: E731
+  w0 = fl_types.Trainable(lora={}, head={"w": jnp.full((4, 2), 0.3)})
+  hparams = fl_types.make_hparams(client_lr=0.5)
+  x, y = batching.gather_batch(images, labels, data.table[0], jnp.arange(4))  # the whole set
+  grad = jax.grad(lambda w: client_lib.cross_entropy(x.reshape(4, -1) @ w, y))
+  mu, lr = 0.7, 0.5
+  # Two SGD steps on F + mu ||w - w0||^2 / 2: the proximal gradient is 0 at w0, then mu (w1 - w0).
+  w1 = w0.head["w"] - lr * grad(w0.head["w"])
+  w2 = w1 - lr * (grad(w1) + mu * (w1 - w0.head["w"]))
+  for m, want in ((mu, w2), (0.0, w1 - lr * grad(w1))):
+    update = client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+                                           batch_size=4, prox_mu=m)
+    local, _ = update(w0, {}, data, jnp.int32(0), jax.random.PRNGKey(0), hparams)
+    chex.assert_trees_all_close(local.head["w"], want, atol=1e-6)
+  assert float(client_lib.proximal_term({"a": jnp.array([3.0, 1.0])},
+                                        {"a": jnp.array([1.0, 1.0])})) == 2.0

@@ -88,6 +88,7 @@ def _validate_fl(fl: ml_collections.ConfigDict) -> None:
   rules.integer("fl.client_parallelism", fl.client_parallelism, 0, fl.clients_per_round,
                 " (at most fl.clients_per_round; 0 = the backend's best)")
   rules.choice("fl.value_bits", fl.value_bits, choices.PAYLOAD_VALUE_BITS)
+  rules.number("fl.prox_mu", fl.prox_mu, 0, what=" (FedProx's proximal weight; 0 = off)")
 
 
 def _validate_server(config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,8 @@
 """What one client does in a round: E local optimizer steps on its own data.
 
-References: ALGORITHM.md section 2.1 (the local objective F_k + zeta * R).
+References: ALGORITHM.md section 2.1 (the local objective F_k + zeta * R); FedProx's proximal
+term (Li et al., *Federated Optimization in Heterogeneous Networks*, MLSys 2020;
+docs/algorithm.md section 6).
 """
 
 from __future__ import annotations
@@ -29,13 +31,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def proximal_term(params: PyTree, anchor: PyTree) -> jax.Array:
+  """FedProx's ||w - w^t||^2 / 2 over every trained leaf (factors and head)."""
+  return 0.5 * sum(jnp.sum(jnp.square(p - a))
+                   for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+
+
 def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
-                       penalty: str = "offdiag"):
+                       penalty: str = "offdiag", prox_mu: float = 0.0):
   """Returns client_update(trainable, frozen, data, client_id, key, hparams) -> (local, loss).
 
   The client starts from the global `trainable`, takes `local_steps` optimizer steps on
-  batches of its own data with the objective F_k + zeta * R (ALGORITHM.md 2.1), and returns
-  its trained `trainable` and its mean training loss F_k. Only `trainable` is differentiated.
+  batches of its own data with the objective F_k + zeta * R (ALGORITHM.md 2.1), plus FedProx's
+  mu ||w - w^t||^2 / 2 when `prox_mu` > 0, and returns its trained `trainable` and its mean
+  training loss F_k. Only `trainable` is differentiated.
   """
 
   def client_update(trainable: Trainable, frozen: PyTree, data: FederatedData,
@@ -48,7 +57,10 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
     def loss_fn(params, x, y):
       loss = cross_entropy(apply_fn(frozen, params, x), y)
       reg = soft.orthogonality_penalty(params.lora, kind=penalty)
-      return loss + hparams.zeta * reg, loss
+      objective = loss + hparams.zeta * reg
+      if prox_mu:  # static: a run without FedProx traces no proximal term
+        objective = objective + prox_mu * proximal_term(params, trainable)
+      return objective, loss
 
     def step(carry, s):
       params, opt_state = carry

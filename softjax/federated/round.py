@@ -71,7 +71,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 client_parallelism: int, sparsifier: sparsifiers.Sparsifier | None = None,
                 penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
                 reorthogonalize: bool = False,
-                server_optimizer: optax.GradientTransformation | None = None) -> RoundPhases:
+                server_optimizer: optax.GradientTransformation | None = None,
+                prox_mu: float = 0.0) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -88,9 +89,10 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
       (ALGORITHM.md 2.1), with every residual moved into the new basis; factor uploads only.
     server_optimizer: a FedOpt step on the aggregate (federated/server_opt.py); None: FedAvg.
       Its state must be in the ServerState (`init_state(..., server_opt=tx.init(trainable))`).
+    prox_mu: FedProx's proximal weight on the clients (0: off).
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
-                                     batch_size=batch_size, penalty=penalty)
+                                     batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
   method = sparsifier or sparsifiers.make_sparsifier("dense")
   if reorthogonalize and not method.factor_upload:
     raise ValueError(f"reorthogonalize needs factor uploads; {method.name} sends products")
