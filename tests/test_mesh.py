@@ -316,17 +316,21 @@ def test_client_parallelism_zero_picks_the_backend_best(cache_dir):
 
 
 @pytest.mark.slow
-def test_a_server_optimizer_runs_in_a_sharded_sweep(cache_dir, tmp_path):
-  # Its moments are replicated state on the mesh and stacked per member in a sweep.
+@pytest.mark.parametrize("extra", [{"server.optimizer": "fedadam", "server.lr": 0.05},
+                                   {"fl.scaffold": True, "controller.name": "fixed"}],
+                         ids=["fedadam", "scaffold"])
+def test_drift_control_state_runs_in_a_sharded_sweep(cache_dir, tmp_path, extra):
+  # FedAdam's moments are replicated state; SCAFFOLD's client controls are split along N like
+  # the residuals; in a sweep each member has its own.
   from softjax.run import experiment
 
-  fedadam = {"server.optimizer": "fedadam", "server.lr": 0.05, "sweep.zeta": "0,0.1",
-             "sweep.mode": "zip"}
-  want = experiment.run(run_config(cache_dir, **fedadam), str(tmp_path / "one"))
-  got = experiment.run(run_config(cache_dir, **fedadam, **{"mesh.devices": 2}),
+  sweep = {"sweep.zeta": "0,0.1", "sweep.mode": "zip"}
+  want = experiment.run(run_config(cache_dir, **sweep, **extra), str(tmp_path / "one"))
+  got = experiment.run(run_config(cache_dir, **sweep, **extra, **{"mesh.devices": 2}),
                        str(tmp_path / "mesh"))
   assert got["devices"] == 2 and got["round_traces"] == 1
   assert_rows_close(got["rows"], want["rows"])
-  plain = experiment.run(run_config(cache_dir, **{"sweep.zeta": "0,0.1", "sweep.mode": "zip"}),
+  same_controller = {k: v for k, v in extra.items() if k == "controller.name"}
+  plain = experiment.run(run_config(cache_dir, **sweep, **same_controller),
                          str(tmp_path / "plain"))
-  assert [r["train_loss"] for r in plain["rows"]][1:] != [r["train_loss"] for r in want["rows"]][1:]
+  assert [r["train_loss"] for r in plain["rows"]][2:] != [r["train_loss"] for r in want["rows"]][2:]

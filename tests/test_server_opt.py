@@ -1,5 +1,5 @@
-"""federated/server_opt.py: each server optimizer by hand, inside the round, in a resumed run
-and in the config checks."""
+"""Server optimizers (federated/server_opt.py), FedProx and SCAFFOLD: by hand or against a
+per-client reference, inside the round, in resumed runs and in the config checks."""
 
 import math
 import os
@@ -12,6 +12,7 @@ import pytest
 from softjax import config as config_lib
 from softjax import errors
 from softjax.federated import server_opt
+from softjax.federated import types as fl_types
 from softjax.run import experiment
 from softjax.run import metrics as metrics_lib
 from tests.support import comparable, make_config
@@ -126,7 +127,6 @@ def test_the_round_refuses_reorthogonalize_with_a_server_optimizer():
 def test_fedprox_client_steps_against_a_hand_written_reference():
   from softjax.data import batching
   from softjax.federated import client as client_lib
-  from softjax.federated import types as fl_types
 
   images = jnp.arange(16, dtype=jnp.uint8).reshape(4, 2, 2, 1) * 15
   labels = jnp.array([0, 1, 1, 0], jnp.int32)
@@ -148,3 +148,98 @@ def test_fedprox_client_steps_against_a_hand_written_reference():
     chex.assert_trees_all_close(local.head["w"], want, atol=1e-6)
   assert float(client_lib.proximal_term({"a": jnp.array([3.0, 1.0])},
                                         {"a": jnp.array([1.0, 1.0])})) == 2.0
+
+
+def _scaffold_reference(update, state, frozen, data, rounds, root, lr, steps):
+  """SCAFFOLD (option II) written out per client: y_k from E corrected SGD steps,
+  c_k+ = c_k - c + (x - y_k) / (E lr), x += sum p_k (y_k - x), c += sum (c_k+ - c_k) / N."""
+  tree = jax.tree.map
+  x, c = state.trainable, state.control
+  cks = [tree(lambda a, i=i: a[i], state.client_controls) for i in range(data.counts.shape[0])]
+  n = len(cks)
+  for t, clients in enumerate(rounds):
+    round_key = jax.random.fold_in(root, t)
+    counts = [float(data.counts[k]) for k in clients]
+    p = [m / sum(counts) for m in counts]
+    ys, new = [], {}
+    for k in clients:
+      corr = tree(jnp.subtract, c, cks[k])
+      y, _ = update(x, frozen, data, jnp.int32(k), jax.random.fold_in(round_key, k),
+                    fl_types.make_hparams(lr), corr)
+      ys.append(y)
+      new[k] = tree(lambda ck, cc, xx, yy: ck - cc + (xx - yy) / (steps * lr), cks[k], c, x, y)
+    x_next = tree(lambda xx, *yy: xx + sum(pk * (yk - xx) for pk, yk in zip(p, yy)), x, *ys)
+    c = tree(lambda cc, *d: cc + sum(d) / n, c,
+             *[tree(jnp.subtract, new[k], cks[k]) for k in clients])
+    for k in clients:
+      cks[k] = new[k]
+    x = x_next
+  return x, c, cks
+
+
+def test_scaffold_round_equals_the_per_client_reference():
+  from softjax.federated import client as client_lib
+  from softjax.federated import round as round_lib
+  from tests.support import tiny_setup
+
+  apply_fn, frozen, plain, data = tiny_setup()
+  state = fl_types.init_state(plain.trainable.lora, plain.trainable.head, num_clients=4,
+                              error_feedback=False, scaffold=True)
+  lr, steps, root = 0.05, 2, jax.random.key(3)
+  rounds = [[1, 3], [0, 1]]  # client 1 twice: its correction is non-zero the second time
+  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
+                                          batch_size=4, client_parallelism=1, scaffold=True))
+  got = state
+  for clients in rounds:
+    got, metrics = round_fn(got, frozen, data, jnp.array(clients, jnp.int32), root,
+                            fl_types.make_hparams(lr))
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=steps,
+                                                batch_size=4))
+  x, c, cks = _scaffold_reference(update, state, frozen, data, rounds, root, lr, steps)
+  chex.assert_trees_all_close(got.trainable, x, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got.control, c, rtol=1e-5, atol=1e-6)
+  for k in range(4):
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[k], got.client_controls), cks[k],
+                                rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(jax.tree.leaves(c)[0]).max()) > 0  # the controls really moved
+  # Each client also uploads its control delta: one 32-bit value per trained value.
+  values = sum(a.size for a in jax.tree.leaves(state.trainable))
+  _, dense = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
+                                          batch_size=4, client_parallelism=1))(
+      plain, frozen, data, jnp.array([0, 1], jnp.int32), root, fl_types.make_hparams(lr))
+  chex.assert_trees_all_equal(metrics.client_bits, dense.client_bits + 32 * values)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    ({"fl.scaffold": True, "fl.client_optimizer": "adam"}, "fl.scaffold.*client_optimizer=sgd"),
+    ({"fl.scaffold": True, "controller.name": "tsfa", "method.name": "soft"},
+     "fl.scaffold.*controller.name=fixed, not tsfa"),
+    ({"fl.scaffold": True, "method.name": "soft", "method.keep_ratio": 0.5,
+      "method.reorthogonalize": True}, "fl.scaffold.*method.reorthogonalize"),
+])
+def test_scaffold_combinations_it_cannot_run_are_refused(overrides, line):
+  config = config_lib.load("configs/quickstart.py").unlock()
+  for field, value in overrides.items():
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+  with pytest.raises(errors.ConfigError, match=line):
+    config_lib.validate(config)
+
+
+@pytest.mark.slow
+def test_a_scaffold_run_resumes_to_identical_metrics(cache_dir, tmp_path):
+  config = make_config(cache_dir, **{"fl.scaffold": True})
+  full = experiment.run(config, str(tmp_path / "full"))
+  assert full["round_traces"] == 1
+  workdir = str(tmp_path / "resumed")
+
+  def crash_after_round_3(t):
+    if t == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(errors.Interrupted):
+    experiment.run(config, workdir, on_round_end=crash_after_round_3)
+  experiment.run(config, workdir)
+  want = metrics_lib.read_rows(os.path.join(tmp_path / "full", "metrics.jsonl"))
+  got = metrics_lib.read_rows(os.path.join(workdir, "metrics.jsonl"))
+  assert comparable(got) == comparable(want)

@@ -89,6 +89,10 @@ def _validate_fl(fl: ml_collections.ConfigDict) -> None:
                 " (at most fl.clients_per_round; 0 = the backend's best)")
   rules.choice("fl.value_bits", fl.value_bits, choices.PAYLOAD_VALUE_BITS)
   rules.number("fl.prox_mu", fl.prox_mu, 0, what=" (FedProx's proximal weight; 0 = off)")
+  rules.boolean("fl.scaffold", fl.scaffold)
+  rules.check(not fl.scaffold or fl.client_optimizer == "sgd", "fl.scaffold", fl.scaffold,
+              f"needs fl.client_optimizer=sgd (its control update assumes SGD steps), not "
+              f"{fl.client_optimizer}")
 
 
 def _validate_server(config: ml_collections.ConfigDict) -> None:
@@ -105,6 +109,13 @@ def _validate_server(config: ml_collections.ConfigDict) -> None:
               "server.optimizer", s.optimizer,
               "must be fedavg with method.reorthogonalize=True (the optimizer's moments do not "
               "follow the change of basis)")
+  rules.check(not (config.method.reorthogonalize and config.fl.scaffold), "fl.scaffold", True,
+              "cannot run with method.reorthogonalize=True (the control variates do not follow "
+              "the change of basis)")
+  # The osfa / tsfa controllers price the factor upload only, not SCAFFOLD's control delta.
+  rules.check(not (config.fl.scaffold and config.controller.name != "fixed"), "fl.scaffold",
+              True, f"needs controller.name=fixed, not {config.controller.name} (the latency "
+              "controller does not price the control-variate upload)")
 
 
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:

@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.client_parallelism = 0
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
   c.fl.prox_mu = 0.0  # FedProx: mu ||w - w_global||^2 / 2 in every client's objective; 0 = off
+  c.fl.scaffold = False  # SCAFFOLD control variates (client SGD, fixed controller); N copies
 
   # The server's step on the aggregate (FedOpt; federated/server_opt.py, docs/algorithm.md 6).
   c.server = ml_collections.ConfigDict()

@@ -1,8 +1,8 @@
 """What one client does in a round: E local optimizer steps on its own data.
 
 References: ALGORITHM.md section 2.1 (the local objective F_k + zeta * R); FedProx's proximal
-term (Li et al., *Federated Optimization in Heterogeneous Networks*, MLSys 2020;
-docs/algorithm.md section 6).
+term (Li et al., *Federated Optimization in Heterogeneous Networks*, MLSys 2020) and SCAFFOLD's
+gradient correction (Karimireddy et al., ICML 2020): docs/algorithm.md section 6.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
   """
 
   def client_update(trainable: Trainable, frozen: PyTree, data: FederatedData,
-                    client_id: jax.Array, key: jax.Array, hparams: RoundHparams):
+                    client_id: jax.Array, key: jax.Array, hparams: RoundHparams,
+                    correction: Trainable | None = None):
+    """`correction`: SCAFFOLD's c - c_k, added to every local gradient (None: off)."""
     tx = make_client_optimizer(optimizer, hparams.client_lr)
     count = data.counts[client_id]
     row = data.table[client_id]
@@ -67,6 +69,8 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
       positions = batching.batch_positions(order, count, s, batch_size)
       x, y = batching.gather_batch(data.images, data.labels, row, positions)
       (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+      if correction is not None:
+        grads = jax.tree.map(jnp.add, grads, correction)
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 

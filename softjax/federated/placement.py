@@ -125,13 +125,17 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
 
 def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
   """The layout a clients-mesh round keeps a federated.ServerState in, one sharding per leaf:
-  the global model, the server optimizer's state and the round counter replicated, the
-  [N, ...] residuals split along N (replicated when N does not divide evenly)."""
+  the global model, the server optimizer's state, SCAFFOLD's server control and the round
+  counter replicated; the [N, ...] residuals and client controls split along N (replicated
+  when N does not divide evenly)."""
   rep = replicated(mesh)
+  per_client = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: leading_sharding(mesh, x.shape[0]), tree)
   return state._replace(
       trainable=jax.tree.map(lambda _: rep, state.trainable), round=rep,
       server_opt=jax.tree.map(lambda _: rep, state.server_opt),
-      residuals=jax.tree.map(lambda x: leading_sharding(mesh, x.shape[0]), state.residuals))
+      control=jax.tree.map(lambda _: rep, state.control),
+      residuals=per_client(state.residuals), client_controls=per_client(state.client_controls))
 
 
 def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:
@@ -171,13 +175,13 @@ def place_round(phases: round_lib.RoundPhases, mesh: Mesh | None, shard_data: bo
                             in_specs=(shared, shared, shared, shared, split, split, split, split),
                             out_specs=split)
 
-    def run(glob, frozen, data, scalars, ids, keys, residuals):
+    def run(glob, frozen, data, scalars, ids, keys, per_client):
       if shard_data:
         # Move each sampled client's examples to the device that trains it (the compiler
         # inserts the collective), not the whole set.
-        return sharded(glob, frozen, None, scalars, ids, keys, residuals,
+        return sharded(glob, frozen, None, scalars, ids, keys, per_client,
                        round_lib.slot_examples(data, ids))
-      return sharded(glob, frozen, data, scalars, ids, keys, residuals, None)
+      return sharded(glob, frozen, data, scalars, ids, keys, per_client, None)
     return run
 
   padded = round_lib.assemble(phases, runner)

@@ -50,10 +50,11 @@ from softjax.sparsify import reorthogonalize as reorth
 from softjax.sparsify import sparsifier as sparsifiers
 from softjax.wireless import link as link_lib
 
-# run_clients(glob, frozen, data, scalars, ids [C], keys [C], residuals [C] | None,
-#             slot_data [C] | None) -> (uploads [C], head deltas [C], losses [C])
+# run_clients(glob, frozen, data, scalars, ids [C], keys [C], per_client, slot_data [C] | None)
+#   -> (uploads [C], head deltas [C], losses [C], SCAFFOLD controls c_k+ [C] | None);
+# per_client = (error-feedback residuals [C] | None, SCAFFOLD corrections c - c_k [C] | None).
 ClientsFn = Callable[..., tuple]
-# A runner wraps ClientsFn into (glob, frozen, data, scalars, ids, keys, residuals) -> same:
+# A runner wraps ClientsFn into (glob, frozen, data, scalars, ids, keys, per_client) -> same:
 # where the slots run (one device, or split over a mesh) and where their examples come from.
 ClientsRunner = Callable[[ClientsFn], Callable[..., tuple]]
 
@@ -62,9 +63,11 @@ ClientsRunner = Callable[[ClientsFn], Callable[..., tuple]]
 class RoundPhases:
   """The three phases of a round; placement decides where `clients` runs."""
   clients: ClientsFn
-  server: Callable  # (state, glob, uploads, head_deltas, ids, valid, received, data_counts)
+  server: Callable  # (state, glob, uploads, head_deltas, ids, valid, received, data_counts,
+  #                   new_controls)
   metrics: Callable  # (glob, lora, uploads, losses, valid, received, weights, data_counts, link)
   error_feedback: bool
+  scaffold: bool = False
 
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -72,7 +75,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
                 reorthogonalize: bool = False,
                 server_optimizer: optax.GradientTransformation | None = None,
-                prox_mu: float = 0.0) -> RoundPhases:
+                prox_mu: float = 0.0, scaffold: bool = False) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -90,51 +93,63 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     server_optimizer: a FedOpt step on the aggregate (federated/server_opt.py); None: FedAvg.
       Its state must be in the ServerState (`init_state(..., server_opt=tx.init(trainable))`).
     prox_mu: FedProx's proximal weight on the clients (0: off).
+    scaffold: SCAFFOLD's control variates (client SGD only); the state must hold them
+      (`init_state(..., scaffold=True)`), and each client also uploads its control delta.
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
   method = sparsifier or sparsifiers.make_sparsifier("dense")
   if reorthogonalize and not method.factor_upload:
     raise ValueError(f"reorthogonalize needs factor uploads; {method.name} sends products")
-  if reorthogonalize and server_optimizer is not None:
-    # The moments live in the factors' old basis; Adam-type moments do not change basis.
-    raise ValueError("reorthogonalize cannot run with a server optimizer")
+  if reorthogonalize and (server_optimizer is not None or scaffold):
+    # Moments and control variates live in the factors' old basis.
+    raise ValueError("reorthogonalize cannot run with a server optimizer or SCAFFOLD")
+  if scaffold and optimizer != "sgd":
+    raise ValueError(f"SCAFFOLD's control update assumes client SGD, not {optimizer}")
 
-  def clients(glob, frozen, data, hparams, client_ids, keys, residuals, slot_data):
-    """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses.
+  def clients(glob, frozen, data, hparams, client_ids, keys, per_client, slot_data):
+    """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses
+    and (SCAFFOLD) the clients' new control variates.
 
     slot_data None: every client reads its batches from the shared `data`. Otherwise it holds
     each slot's own examples ([C, max_n, ...], a one-row table) and `data` is not read.
     """
 
     def one_client(args):
-      client_id, key, residual, own = args
+      client_id, key, (residual, correction), own = args
       source = data if own is None else own
       local, loss = client_update(glob, frozen, source, client_id if own is None else 0, key,
-                                  hparams)
+                                  hparams, correction)
+      control = None
+      if scaffold:
+        # Option II of SCAFFOLD: c_k+ = c_k - c + (x - y_k) / (E lr) = (x - y_k) / (E lr) - corr.
+        steps_lr = local_steps * hparams.client_lr
+        control = jax.tree.map(lambda x, y, d: (x - y) / steps_lr - d, glob, local, correction)
       if residual is None:
         residual = jax.tree.map(jnp.zeros_like, glob.lora)
       # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
       # regenerate it, so it costs no index bits.
       upload = method.compress(glob.lora, local.lora, residual, hparams.keep_ratio,
                                jax.random.fold_in(key, 1))
-      return upload, optax.tree.sub(local.head, glob.head), loss
+      return upload, optax.tree.sub(local.head, glob.head), loss, control
 
-    return jax.lax.map(one_client, (client_ids, keys, residuals, slot_data),
+    return jax.lax.map(one_client, (client_ids, keys, per_client, slot_data),
                        batch_size=client_parallelism)
 
   return RoundPhases(clients=clients,
-                     server=_server_phase(method, reorthogonalize, server_optimizer),
-                     metrics=_metrics_phase(method, value_bits, head_params),
-                     error_feedback=method.error_feedback)
+                     server=_server_phase(method, reorthogonalize, server_optimizer, scaffold),
+                     metrics=_metrics_phase(method, value_bits, head_params, scaffold),
+                     error_feedback=method.error_feedback, scaffold=scaffold)
 
 
 def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
-                  server_optimizer: optax.GradientTransformation | None = None):
-  """The server phase of `method`: aggregation, the server optimizer's step on it, and the
-  residual store (ALGORITHM.md 2.4, 3)."""
+                  server_optimizer: optax.GradientTransformation | None = None,
+                  scaffold: bool = False):
+  """The server phase of `method`: aggregation, the server optimizer's step on it, the
+  residual store (ALGORITHM.md 2.4, 3) and SCAFFOLD's control variates."""
 
-  def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts):
+  def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts,
+             new_controls=None):
     """The next global factors, head and residual store; and the aggregation weights."""
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
     weights = aggregation_weights(data_counts * received)
@@ -152,6 +167,9 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
       write_ids = jnp.where(valid > 0, ids, _num_rows(state))
       residuals = jax.tree.map(
           lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
+    control, client_controls = state.control, state.client_controls
+    if scaffold:
+      control, client_controls = _scaffold_controls(state, ids, valid * received, new_controls)
     if reorthogonalize:
       # Every stored residual is in the old basis, the sampled clients' just written included.
       lora, bases = reorth.reorthogonalize(trainable.lora)
@@ -159,18 +177,36 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
       if method.error_feedback:
         residuals = reorth.change_basis(residuals, bases)
     new_state = ServerState(trainable=trainable, round=state.round + 1, residuals=residuals,
-                            server_opt=opt_state)
+                            server_opt=opt_state, control=control,
+                            client_controls=client_controls)
     return new_state, weights
 
   return server
 
 
-def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params: int):
+def _scaffold_controls(state: ServerState, ids, arrived, new_controls):
+  """SCAFFOLD's server side: c <- c + (1/N) sum_{k in S} (c_k+ - c_k) over the uploads that
+  arrived, which also store their c_k+; [choice] a client whose upload was lost keeps its old
+  c_k, so that c stays the mean of the stored c_k."""
+  n = _num_rows(state, state.client_controls)
+  old = jax.tree.map(lambda all_c: all_c[ids], state.client_controls)
+  delta = jax.tree.map(lambda new, o: _per_client(arrived, new) * (new - o), new_controls, old)
+  control = jax.tree.map(lambda c, d: c + d.sum(axis=0) / n, state.control, delta)
+  write_ids = jnp.where(arrived > 0, ids, n)  # the others are dropped
+  client_controls = jax.tree.map(lambda all_c, new: all_c.at[write_ids].set(new, mode="drop"),
+                                 state.client_controls, new_controls)
+  return control, client_controls
+
+
+def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params: int,
+                   scaffold: bool = False):
   """The metrics phase: delivered bits (ALGORITHM.md 2.5), latency (4), loss, diagnostics (3)."""
 
   def metrics(glob, lora, uploads, losses, valid, received, weights, data_counts, link):
     """RoundMetrics over the C slots (padding slots report zeros)."""
-    bits = value_bits * (uploads.values + head_params) + uploads.index_bits
+    # SCAFFOLD also uploads its control delta, dense: one value per trained value.
+    extra = sum(x.size for x in jax.tree.leaves(glob)) if scaffold else 0
+    bits = value_bits * (uploads.values + head_params + extra) + uploads.index_bits
     if link is None:
       latency = jnp.zeros(bits.shape, jnp.float32)
     else:
@@ -198,8 +234,8 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
 
 def on_one_device(run_clients: ClientsFn):
   """The default runner: every slot on this device, reading the shared data."""
-  def run(glob, frozen, data, scalars, ids, keys, residuals):
-    return run_clients(glob, frozen, data, scalars, ids, keys, residuals, None)
+  def run(glob, frozen, data, scalars, ids, keys, per_client):
+    return run_clients(glob, frozen, data, scalars, ids, keys, per_client, None)
   return run
 
 
@@ -225,13 +261,15 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
     residuals = (jax.tree.map(lambda r: r[client_ids], state.residuals)
                  if phases.error_feedback else None)
+    corrections = (jax.tree.map(lambda c, all_c: c[None] - all_c[client_ids], state.control,
+                                state.client_controls) if phases.scaffold else None)
     scalars = hparams._replace(uplink=None)  # what a client reads; the links are [C]
-    uploads, head_deltas, losses = run_clients(glob, frozen, data, scalars, client_ids, keys,
-                                               residuals)
+    uploads, head_deltas, losses, new_controls = run_clients(
+        glob, frozen, data, scalars, client_ids, keys, (residuals, corrections))
     data_counts = data.counts[client_ids]
     received = valid if hparams.uplink is None else hparams.uplink.received * valid
     new_state, weights = phases.server(state, glob, uploads, head_deltas, client_ids, valid,
-                                       received, data_counts)
+                                       received, data_counts, new_controls)
     metrics = phases.metrics(glob, new_state.trainable.lora, uploads, losses, valid, received,
                              weights, data_counts, hparams.uplink)
     return new_state, metrics
@@ -256,9 +294,9 @@ def slot_examples(data: FederatedData, ids: jax.Array) -> FederatedData:
                        counts=data.counts[ids][:, None])
 
 
-def _num_rows(state: ServerState) -> int:
-  """N, the clients the residual store holds (static)."""
-  return jax.tree.leaves(state.residuals)[0].shape[0]
+def _num_rows(state: ServerState, store: PyTree | None = None) -> int:
+  """N, the clients a per-client store (default the residuals) holds (static)."""
+  return jax.tree.leaves(state.residuals if store is None else store)[0].shape[0]
 
 
 def _per_client(values: jax.Array, like: jax.Array) -> jax.Array:

@@ -29,6 +29,8 @@ class ServerState(NamedTuple):
   round: jax.Array  # int32 [], rounds completed
   residuals: PyTree  # error-feedback residuals, LoRA structure with a leading [N] axis; {} if off
   server_opt: PyTree = ()  # the server optimizer's state over `trainable`; () for plain FedAvg
+  control: PyTree = ()  # SCAFFOLD's server control variate c, shaped like `trainable`; () if off
+  client_controls: PyTree = ()  # SCAFFOLD's c_k of all N clients, [N] + `trainable`; () if off
 
 
 class FederatedData(NamedTuple):
@@ -80,10 +82,15 @@ class RoundMetrics(NamedTuple):
 
 
 def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool,
-               server_opt: PyTree = ()) -> ServerState:
-  """Round 0: the initial global factors and head, zero residuals for all N clients, and the
-  server optimizer's initial state (`server_opt.make(...).init(trainable)`, () for FedAvg)."""
-  residuals = (jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), lora)
-               if error_feedback else {})
-  return ServerState(trainable=Trainable(lora=lora, head=head),
-                     round=jnp.zeros((), jnp.int32), residuals=residuals, server_opt=server_opt)
+               server_opt: PyTree = (), scaffold: bool = False) -> ServerState:
+  """Round 0: the initial global factors and head, zero residuals for all N clients, the
+  server optimizer's initial state (`server_opt.make(...).init(trainable)`, () for FedAvg),
+  and with `scaffold` zero control variates (server and every client)."""
+  per_client = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), tree)
+  trainable = Trainable(lora=lora, head=head)
+  return ServerState(trainable=trainable, round=jnp.zeros((), jnp.int32),
+                     residuals=per_client(lora) if error_feedback else {},
+                     server_opt=server_opt,
+                     control=jax.tree.map(jnp.zeros_like, trainable) if scaffold else (),
+                     client_controls=per_client(trainable) if scaffold else ())

@@ -290,7 +290,8 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
   tx = server_optimizer(config)
   state = fl_types.init_state(
       lora, shared.head, config.fl.num_clients, shared.sparsifier.error_feedback,
-      server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)))
+      server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)),
+      scaffold=config.fl.scaffold)
   member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
                   controller=make_controller(config, uplink, lora, shared.head_params),

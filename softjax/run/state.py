@@ -31,15 +31,18 @@ def to_tree(state: RunState) -> dict:
   server = state.server
   tree = {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
           "residuals": server.residuals, "controller": state.controller._asdict()}
-  if jax.tree.leaves(server.server_opt):  # plain FedAvg keeps the tree of earlier checkpoints
-    tree["server_opt"] = server.server_opt
+  # Optional parts appear only when used, so a plain run keeps the tree of earlier checkpoints.
+  for key in ("server_opt", "control", "client_controls"):
+    if jax.tree.leaves(getattr(server, key)):
+      tree[key] = getattr(server, key)
   return tree
 
 
 def from_tree(tree: dict) -> RunState:
   server = fl_types.ServerState(
       trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
-      residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()))
+      residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()),
+      control=tree.get("control", ()), client_controls=tree.get("client_controls", ()))
   c = tree["controller"]
   controller = controller_lib.ControllerState(
       queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
