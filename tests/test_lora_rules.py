@@ -133,3 +133,125 @@ def test_aggregation_error_matches_dense_products(name):
   if name == "flexlora":  # Eckart-Young: the error is the dropped singular values' norm
     s = np.linalg.svd(ideal, compute_uv=False)
     assert expected == pytest.approx(np.sqrt(np.sum(s[r:] ** 2)), abs=1e-4)
+
+
+# ------------------------------------------------------------------ the rules inside the round
+
+
+def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
+  from softjax.federated import round as round_lib
+  from softjax.federated import types as fl_types
+  from tests.support import tiny_setup
+
+  apply_fn, frozen, init, data = tiny_setup()
+  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
+                                          batch_size=4, client_parallelism=1, rule=rule))
+  state = init if state is None else state
+  new, metrics = round_fn(state, frozen, data, jnp.array(clients, jnp.int32), jax.random.key(2),
+                          fl_types.make_hparams(lr))
+  return new, metrics, state, (apply_fn, frozen, data)
+
+
+def _client_factors(state, setup, clients, mask, lr=0.05, steps=2):
+  """Per client its trained LoRA tree (a loop of client updates with the rule's mask)."""
+  from softjax.federated import client as client_lib
+  from softjax.federated import types as fl_types
+
+  apply_fn, frozen, data = setup
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=steps,
+                                                batch_size=4))
+  hp = fl_types.make_hparams(lr)._replace(factor_mask=mask)
+  round_key = jax.random.fold_in(jax.random.key(2), state.round)
+  local = [update(state.trainable, frozen, data, jnp.int32(k), jax.random.fold_in(round_key, k),
+                  hp)[0].lora for k in clients]
+  counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
+  return local, counts / counts.sum()
+
+
+def _pairs(tree):
+  from softjax.models import lora as lora_lib
+  return lora_lib.factor_pairs(tree)[0]
+
+
+def test_ffa_round_freezes_a_and_averages_b_over_a_client_loop():
+  new, metrics, state, setup = _round("ffa")
+  local, p = _client_factors(state, setup, (1, 3), jnp.array([1.0, 0.0]))
+  for g, n, *ks in zip(_pairs(state.trainable.lora), _pairs(new.trainable.lora),
+                       *map(_pairs, local)):
+    chex.assert_trees_all_equal(n["A"], g["A"])  # frozen: not trained, not changed
+    chex.assert_trees_all_close(n["B"], sum(pk * k["B"] for pk, k in zip(p, ks)), atol=1e-6)
+  assert float(metrics.cov_term) == pytest.approx(0.0, abs=1e-4)  # A shared: exact average
+  # Only B (and the head) is uploaded.
+  b_values = sum(q["B"].size for q in _pairs(state.trainable.lora))
+  _, dense, *_ = _round("fedit")
+  a_values = sum(q["A"].size for q in _pairs(state.trainable.lora))
+  chex.assert_trees_all_equal(metrics.client_bits, dense.client_bits - 32 * a_values)
+  assert b_values > 0
+
+
+def test_rolora_trains_b_then_a():
+  first, _, state, _ = _round("rolora")
+  second, _, _, _ = _round("rolora", state=first, clients=(0, 2))
+  for g, one, two in zip(*(map(_pairs, (state.trainable.lora, first.trainable.lora,
+                                        second.trainable.lora)))):
+    chex.assert_trees_all_equal(one["A"], g["A"])  # round 0: B trained
+    assert float(jnp.abs(one["B"] - g["B"]).max()) > 0
+    chex.assert_trees_all_equal(two["B"], one["B"])  # round 1: A trained
+    assert float(jnp.abs(two["A"] - one["A"]).max()) > 0
+
+
+def test_fedsvd_round_keeps_ffas_product_with_orthonormal_a():
+  svd, metrics, state, _ = _round("fedsvd")
+  ffa, *_ = _round("ffa")
+  for s, f in zip(_pairs(svd.trainable.lora), _pairs(ffa.trainable.lora)):
+    chex.assert_trees_all_close(s["B"] @ s["A"], f["B"] @ f["A"], atol=1e-5)
+    r = s["A"].shape[0]
+    chex.assert_trees_all_close(s["A"] @ s["A"].T, jnp.eye(r), atol=1e-5)
+  assert float(metrics.cov_term) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_flexlora_round_is_the_truncated_svd_of_the_mean_product():
+  new, metrics, state, setup = _round("flexlora")
+  local, p = _client_factors(state, setup, (1, 3), jnp.ones((2,)))
+  dropped = 0.0
+  for n, *ks in zip(_pairs(new.trainable.lora), *map(_pairs, local)):
+    mean = sum(pk * np.asarray(k["B"] @ k["A"], np.float64) for pk, k in zip(p, ks))
+    u, s, vt = np.linalg.svd(mean)
+    r = n["B"].shape[1]
+    np.testing.assert_allclose(n["B"] @ n["A"], (u[:, :r] * s[:r]) @ vt[:r], atol=1e-5)
+    dropped += np.sqrt(np.sum(s[r:] ** 2))
+  # The reported error is each layer's Eckart-Young residual, summed over layers.
+  assert float(metrics.cov_term) == pytest.approx(dropped, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    ({"method.rule": "ffa", "method.name": "soft", "method.keep_ratio": 0.5},
+     "method.rule.*ffa.*method.name=soft.*needs method.name=dense"),
+    ({"method.rule": "rolora", "controller.name": "osfa", "method.name": "dense"},
+     "method.rule.*controller.name=osfa"),
+    ({"method.rule": "flexlora", "server.optimizer": "fedadam"},
+     "method.rule.*server.optimizer=fedadam"),
+    ({"method.rule": "fedsa"}, "method.rule.*must be one of fedit"),
+])
+def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
+  from softjax import config as config_lib
+  from softjax import errors
+
+  config = config_lib.load("configs/quickstart.py").unlock()
+  for field, value in overrides.items():
+    section, leaf = field.split(".")
+    config[section][leaf] = value
+  with pytest.raises(errors.ConfigError, match=line):
+    config_lib.validate(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["rolora", "flexlora"])
+def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
+  from softjax.run import experiment
+  from tests.support import make_config
+
+  summary = experiment.run(make_config(cache_dir, **{"method.rule": rule}), str(tmp_path))
+  assert summary["round_traces"] == 1  # RoLoRA's alternation is traced, not recompiled
+  assert all(np.isfinite(r["train_loss"]) for r in summary["rows"])
+  assert summary["final_accuracy"] is not None

@@ -24,6 +24,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_method(config.method)
   _validate_fl(config.fl)
   _validate_server(config)
+  _validate_rule(config)
   _validate_wireless(config.wireless)
   _validate_controller(config)
   _validate_mesh(config)
@@ -116,6 +117,25 @@ def _validate_server(config: ml_collections.ConfigDict) -> None:
   rules.check(not (config.fl.scaffold and config.controller.name != "fixed"), "fl.scaffold",
               True, f"needs controller.name=fixed, not {config.controller.name} (the latency "
               "controller does not price the control-variate upload)")
+
+
+def _validate_rule(config: ml_collections.ConfigDict) -> None:
+  """An aggregation rule other than fedit runs with dense uploads under the fixed controller,
+  without re-orthogonalization or SCAFFOLD; a re-factorizing one without a server optimizer."""
+  rule, m = config.method.rule, config.method
+  rules.choice("method.rule", rule, choices.AGGREGATION_RULES)
+  if rule == "fedit":
+    return
+  clashes = [("method.name", m.name, m.name != "dense", "dense"),
+             ("controller.name", config.controller.name, config.controller.name != "fixed",
+              "fixed"),
+             ("method.reorthogonalize", m.reorthogonalize, m.reorthogonalize, "False"),
+             ("fl.scaffold", config.fl.scaffold, config.fl.scaffold, "False"),
+             ("server.optimizer", config.server.optimizer,
+              rule in ("fedsvd", "flexlora") and config.server.optimizer != "fedavg", "fedavg")]
+  for field, value, clash, needed in clashes:
+    rules.check(not clash, "method.rule", rule,
+                f"cannot run with {field}={value} (it needs {field}={needed})")
 
 
 def _validate_sweep(config: ml_collections.ConfigDict) -> None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from softjax.data import batching
+from softjax.models import lora as lora_lib
 from softjax.federated.types import ApplyFn, FederatedData, PyTree, RoundHparams, Trainable
 from softjax.sparsify import soft
 
@@ -35,6 +36,13 @@ def proximal_term(params: PyTree, anchor: PyTree) -> jax.Array:
   """FedProx's ||w - w^t||^2 / 2 over every trained leaf (factors and head)."""
   return 0.5 * sum(jnp.sum(jnp.square(p - a))
                    for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+
+
+def _masked_factors(lora: PyTree, mask: jax.Array) -> PyTree:
+  """Every layer's B scaled by mask[0] and A by mask[1]."""
+  pairs, treedef = lora_lib.factor_pairs(lora)
+  return jax.tree.unflatten(treedef, [{"A": p["A"] * mask[1], "B": p["B"] * mask[0]}
+                                      for p in pairs])
 
 
 def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -71,6 +79,8 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
       (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
       if correction is not None:
         grads = jax.tree.map(jnp.add, grads, correction)
+      if hparams.factor_mask is not None:  # the rule freezes B or A this round
+        grads = grads._replace(lora=_masked_factors(grads.lora, hparams.factor_mask))
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 

@@ -11,9 +11,12 @@ rule leaves of it is `aggregation_error`: for separate averaging it is the covar
 ALGORITHM.md 3; FLoRA and FedEx-LoRA fold it into W0 and leave none; FlexLoRA leaves its
 truncation.
 
-The rules here only compute the server's side. Which factors a client trains (FFA-LoRA: B
-only; RoLoRA: B or A by round) and which state persists between rounds (FedSA-LoRA's per-client
-B, the folded W0) are the round's business.
+The per-layer functions compute the server's side. The last section says, for the rules a run
+can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a client trains in a round (FFA-LoRA and FedSVD: B only;
+RoLoRA: B, then A, by round) and how the server turns the received factors into the next
+global ones; the round applies both (federated/round.py). FedSA-LoRA, FLoRA, FedEx-LoRA and
+heterogeneous ranks need per-client B or the frozen weights as round state and are not
+selectable yet.
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """
@@ -25,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from softjax.models.lora import factor_pairs
 from softjax.sparsify import lapack
 from softjax.sparsify.reorthogonalize import product_svd
 
@@ -156,3 +160,53 @@ def aggregation_error(B: jax.Array, A: jax.Array, p: jax.Array,
   left = jnp.concatenate([ideal[0]] + [-l for l, _ in parts], axis=1)
   right = jnp.concatenate([ideal[1]] + [r for _, r in parts], axis=0)
   return _frobenius(left, right)
+
+
+# ------------------------------------------------------------------ the rules a run can select
+
+
+def trained_factors(rule: str, round_index: jax.Array) -> jax.Array:
+  """[2] float32 (train B, train A) in round `round_index` (0-based) under `rule`.
+
+  RoLoRA starts with B: at B = 0 (the LoRA initialization) the gradient of A is zero."""
+  if rule in ("ffa", "fedsvd"):
+    return jnp.array([1.0, 0.0])
+  if rule == "rolora":
+    train_b = (round_index % 2 == 0).astype(jnp.float32)
+    return jnp.stack([train_b, 1.0 - train_b])
+  return jnp.ones((2,), jnp.float32)
+
+
+def _received(global_lora, sent):
+  """Per layer the clients' factors B_k = B^t + sent_k, A_k = A^t + sent_k: [K, ...]."""
+  pairs, treedef = factor_pairs(global_lora)
+  sent_pairs, _ = factor_pairs(sent)
+  return [(g["B"][None] + s["B"], g["A"][None] + s["A"]) for g, s in zip(pairs, sent_pairs)], treedef
+
+
+def server_update(rule: str, global_lora, sent, weights: jax.Array, averaged):
+  """The next global LoRA tree under `rule`, from the separate average `averaged` (what the
+  dense aggregation gives) and the clients' factors: FedSVD and FlexLoRA re-factorize, the
+  others keep the average (with a frozen factor shared by every client it is already exact)."""
+  if rule not in ("fedsvd", "flexlora"):
+    return averaged
+  layers, treedef = _received(global_lora, sent)
+  out = []
+  for b, a in layers:
+    if rule == "fedsvd":
+      result = fedsvd(b, a, weights)
+    else:
+      result = flexlora(b, a, weights, rank=b.shape[-1])
+    out.append({"A": result.A, "B": result.B})
+  return jax.tree.unflatten(treedef, out)
+
+
+def rule_error(global_lora, sent, weights: jax.Array, new_lora) -> jax.Array:
+  """Sum over layers of `aggregation_error` of the new global factors (the rule's
+  covariance-term analogue: what it leaves of sum_k p_k B_k A_k)."""
+  layers, _ = _received(global_lora, sent)
+  new_pairs, _ = factor_pairs(new_lora)
+  total = jnp.zeros((), jnp.float32)
+  for (b, a), new in zip(layers, new_pairs):
+    total = total + aggregation_error(b, a, weights, LayerAggregate(B=new["B"], A=new["A"]))
+  return total

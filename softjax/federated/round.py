@@ -35,6 +35,7 @@ from softjax.federated.aggregation import (
   covariance_diagnostic,
   global_orth_residual,
 )
+from softjax.federated import lora_rules
 from softjax.federated import server_opt as server_opt_lib
 from softjax.federated.client import make_client_update
 from softjax.federated.types import (
@@ -46,6 +47,7 @@ from softjax.federated.types import (
   ServerState,
   Trainable,
 )
+from softjax.models import lora as lora_lib
 from softjax.sparsify import reorthogonalize as reorth
 from softjax.sparsify import sparsifier as sparsifiers
 from softjax.wireless import link as link_lib
@@ -68,6 +70,7 @@ class RoundPhases:
   metrics: Callable  # (glob, lora, uploads, losses, valid, received, weights, data_counts, link)
   error_feedback: bool
   scaffold: bool = False
+  rule: str = "fedit"  # the federated-LoRA aggregation rule (federated/lora_rules.py)
 
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -75,7 +78,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 penalty: str = "offdiag", value_bits: int = 32, head_params: int = 0,
                 reorthogonalize: bool = False,
                 server_optimizer: optax.GradientTransformation | None = None,
-                prox_mu: float = 0.0, scaffold: bool = False) -> RoundPhases:
+                prox_mu: float = 0.0, scaffold: bool = False,
+                rule: str = "fedit") -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -95,6 +99,9 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     prox_mu: FedProx's proximal weight on the clients (0: off).
     scaffold: SCAFFOLD's control variates (client SGD only); the state must hold them
       (`init_state(..., scaffold=True)`), and each client also uploads its control delta.
+    rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, rolora, fedsvd,
+      flexlora): which factors clients train each round and how the server re-forms them;
+      other than fedit, dense uploads only.
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
@@ -106,6 +113,12 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     raise ValueError("reorthogonalize cannot run with a server optimizer or SCAFFOLD")
   if scaffold and optimizer != "sgd":
     raise ValueError(f"SCAFFOLD's control update assumes client SGD, not {optimizer}")
+  if rule != "fedit" and (method.name != "dense" or reorthogonalize or scaffold):
+    raise ValueError(f"aggregation rule {rule} runs with dense uploads only, without "
+                     "re-orthogonalization or SCAFFOLD")
+  if rule in ("fedsvd", "flexlora") and server_optimizer is not None:
+    raise ValueError(f"aggregation rule {rule} re-factorizes; a server optimizer's moments "
+                     "would not follow")
 
   def clients(glob, frozen, data, hparams, client_ids, keys, per_client, slot_data):
     """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses
@@ -131,20 +144,33 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
       # regenerate it, so it costs no index bits.
       upload = method.compress(glob.lora, local.lora, residual, hparams.keep_ratio,
                                jax.random.fold_in(key, 1))
+      if hparams.factor_mask is not None:  # a frozen factor is not uploaded
+        upload = upload._replace(values=upload.values - _frozen_values(glob.lora,
+                                                                        hparams.factor_mask))
       return upload, optax.tree.sub(local.head, glob.head), loss, control
 
     return jax.lax.map(one_client, (client_ids, keys, per_client, slot_data),
                        batch_size=client_parallelism)
 
   return RoundPhases(clients=clients,
-                     server=_server_phase(method, reorthogonalize, server_optimizer, scaffold),
-                     metrics=_metrics_phase(method, value_bits, head_params, scaffold),
-                     error_feedback=method.error_feedback, scaffold=scaffold)
+                     server=_server_phase(method, reorthogonalize, server_optimizer, scaffold,
+                                          rule),
+                     metrics=_metrics_phase(method, value_bits, head_params, scaffold, rule),
+                     error_feedback=method.error_feedback, scaffold=scaffold, rule=rule)
+
+
+def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
+  """LoRA values of the factors `mask` freezes (int32): B's where mask[0] = 0, A's where
+  mask[1] = 0."""
+  pairs, _ = lora_lib.factor_pairs(lora)
+  b_values = sum(p["B"].size for p in pairs)
+  a_values = sum(p["A"].size for p in pairs)
+  return jnp.round((1.0 - mask[0]) * b_values + (1.0 - mask[1]) * a_values).astype(jnp.int32)
 
 
 def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
                   server_optimizer: optax.GradientTransformation | None = None,
-                  scaffold: bool = False):
+                  scaffold: bool = False, rule: str = "fedit"):
   """The server phase of `method`: aggregation, the server optimizer's step on it, the
   residual store (ALGORITHM.md 2.4, 3) and SCAFFOLD's control variates."""
 
@@ -154,6 +180,7 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
+    lora = lora_rules.server_update(rule, glob.lora, uploads.sent, weights, lora)
     head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
     trainable, opt_state = Trainable(lora=lora, head=head), state.server_opt
     if server_optimizer is not None:
@@ -199,7 +226,7 @@ def _scaffold_controls(state: ServerState, ids, arrived, new_controls):
 
 
 def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params: int,
-                   scaffold: bool = False):
+                   scaffold: bool = False, rule: str = "fedit"):
   """The metrics phase: delivered bits (ALGORITHM.md 2.5), latency (4), loss, diagnostics (3)."""
 
   def metrics(glob, lora, uploads, losses, valid, received, weights, data_counts, link):
@@ -218,7 +245,9 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
     zero = jnp.zeros((), jnp.float32)
     cov, gap, energy = zero, zero, zero
     if method.factor_upload:
-      cov = covariance_diagnostic(glob.lora, uploads.sent, weights)
+      # What the rule's new factors leave of sum_k p_k B_k A_k (fedit: the covariance term).
+      cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if rule == "fedit"
+             else lora_rules.rule_error(glob.lora, uploads.sent, weights, lora))
       gap, energy = client_score_diagnostics(glob.lora, uploads.sent, uploads.residual, valid)
     # Every sampled client trained, whether or not its upload arrived, so the reported loss
     # weighs them all by data size (a round whose uploads were all lost still has a loss).
@@ -264,6 +293,9 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     corrections = (jax.tree.map(lambda c, all_c: c[None] - all_c[client_ids], state.control,
                                 state.client_controls) if phases.scaffold else None)
     scalars = hparams._replace(uplink=None)  # what a client reads; the links are [C]
+    if phases.rule != "fedit":
+      scalars = scalars._replace(factor_mask=lora_rules.trained_factors(phases.rule,
+                                                                        state.round))
     uploads, head_deltas, losses, new_controls = run_clients(
         glob, frozen, data, scalars, client_ids, keys, (residuals, corrections))
     data_counts = data.counts[client_ids]

@@ -55,7 +55,8 @@ class RoundRunner:
         client_parallelism=client_parallelism(config, mesh, self.swept, jax.default_backend()),
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
         head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize,
-        server_optimizer=server_optimizer(config), prox_mu=fl.prox_mu, scaffold=fl.scaffold)
+        server_optimizer=server_optimizer(config), prox_mu=fl.prox_mu, scaffold=fl.scaffold,
+        rule=config.method.rule)
     eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in lora_lib.factor_pairs(lora)[0]]
