@@ -26,7 +26,6 @@ per row, to the --summary JSON (experiments/claims.py).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -37,6 +36,14 @@ from configs import e1 as e1_config
 from configs import quickstart
 from configs import tsfa as tsfa_config
 from experiments import claims, common, compression_cost, orthogonality, plots, seeded, stats
+from experiments.tables import accuracy_at_bits, first_reaching, markdown_table
+# The shared helpers under the names this module has always used.
+from experiments.tables import ci as _ci
+from experiments.tables import ci_col as _ci_col
+from experiments.tables import mean as _mean
+from experiments.tables import num as _num
+from experiments.tables import per_seed as _per_seed
+from experiments.tables import row_claims as _row_claims
 from softjax import errors
 from softjax.run import experiment
 
@@ -74,25 +81,8 @@ E1_KEEP_RATIO = 0.5
 REFERENCES = ("centralized", "head_only")  # rows no equal-uplink comparison applies to
 
 
-def _per_seed(record: dict[str, Any], keys) -> dict[str, list]:
-  """{key: the record's per-seed values}, uplink in MB."""
-  out = {key: seeded.values(record, key) for key in keys}
-  out["uplink_mb"] = [b / 8e6 for b in seeded.values(record, "cum_uplink_bits")]
-  return out
 
 
-def _row_claims(experiment_name: str, row: dict[str, Any], metrics, method: str,
-                rank=None, keep_ratio=None, names=None) -> list[dict[str, Any]]:
-  """summary.json records of one row: each metric (renamed by `names`) over the seeds that
-  have a value."""
-  out = []
-  for metric in metrics:
-    pairs = [(v, s) for v, s in zip(row[metric] or [], row["seeds"]) if v is not None]
-    if pairs:
-      out.append(claims.claim(experiment_name, method, rank, keep_ratio,
-                              (names or {}).get(metric, metric), [v for v, _ in pairs],
-                              [s for _, s in pairs]))
-  return out
 
 
 def _e1_config(method: str, rank: int, scale: str, rounds: int, checkpoint: str):
@@ -142,14 +132,8 @@ def label(record: dict[str, Any]) -> str:
   return f"soft/{record['variant']}" if "variant" in record else record["method"]
 
 
-def accuracy_at_bits(curve: dict[str, list], bits: float) -> float | None:
-  """Test accuracy of the last evaluation whose cumulative uplink is at most `bits`."""
-  reached = [a for a, b in zip(curve["test_accuracy"], curve["cum_uplink_bits"]) if b <= bits]
-  return reached[-1] if reached else None
 
 
-def _mean(xs) -> float:
-  return sum(xs) / len(xs)
 
 
 def e1_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -191,22 +175,8 @@ def _e1_row(r: dict[str, Any], rank: int, budget: float | None, target: float | 
                                                          for c in curves)]}
 
 
-def _ci(values, fmt: str = ".4f") -> str:
-  """'mean ± half-width' of the values that are there ('k/n' appended when some are not)."""
-  if values is None:
-    return "-"
-  got = [v for v in values if v is not None]
-  if not got:
-    return f"none of {len(values)}"
-  mean, half = stats.mean_ci95(got)
-  text = format(mean, fmt) + ("" if math.isnan(half) else
-                              " ± " + format(half, fmt.replace("+", "")))
-  return text if len(got) == len(values) else f"{text} ({len(got)}/{len(values)})"
 
 
-def _ci_col(header: str, key: str, fmt: str = ".4f"):
-  """A table column: the row's per-seed `key` as mean ± 95 % half-width."""
-  return header, lambda r: _ci(r[key], fmt)
 
 
 def e1_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -236,16 +206,8 @@ def _compression_times(records: list[dict[str, Any]]) -> dict[tuple[str, int], f
   return times
 
 
-def markdown_table(columns, records) -> str:
-  """A markdown table: `columns` are (header, format function of a record); numbers right."""
-  head = "| " + " | ".join(h for h, _ in columns) + " |"
-  rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
-  body = ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in records]
-  return "\n".join([head, rule] + body) + "\n"
 
 
-def _num(key: str, fmt: str):
-  return lambda r: "-" if r[key] is None else format(r[key], fmt)
 
 
 def e1_table(rows: list[dict[str, Any]], compress_s: dict[tuple[str, int], float]) -> str:
@@ -375,12 +337,6 @@ def e2_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def first_reaching(curve: dict[str, list], target: float) -> tuple[int | None, int | None]:
-  """(round, cumulative uplink bits) of the first evaluation at or above `target`."""
-  for t, acc, bits in zip(curve["round"], curve["test_accuracy"], curve["cum_uplink_bits"]):
-    if acc >= target:
-      return t, bits
-  return None, None
 
 
 def run_e4(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
