@@ -39,14 +39,14 @@ def accuracy_curves(records: Sequence[dict[str, Any]], label, path: str,
   """
   fig, (by_round, by_bits) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
   labels = sorted({label(r) for r in records})
-  ranks = sorted({r["rank"] for r in records})
+  ranks = sorted({r["rank"] or 0 for r in records})  # None (a controller's choice) as 0
   colors = {m: f"C{i % 10}" for i, m in enumerate(labels)}
   for r in records:
     curves = [s["curve"] for s in r["per_seed"]]
     acc, half = _seed_band(curves, "test_accuracy")
     rounds = curves[0]["round"]
     mb = _seed_band(curves, "cum_uplink_bits")[0] / 8e6
-    style = dict(color=colors[label(r)], linestyle=LINESTYLES[ranks.index(r["rank"]) % 4])
+    style = dict(color=colors[label(r)], linestyle=LINESTYLES[ranks.index(r["rank"] or 0) % 4])
     name = f"{label(r)} r={r['rank']}" if r["rank"] else label(r)
     for ax, x in ((by_round, rounds), (by_bits, mb)):
       ax.plot(x, acc, label=name if ax is by_bits else None, **style)

@@ -35,7 +35,7 @@ from absl import flags
 from configs import e1 as e1_config
 from configs import quickstart
 from configs import tsfa as tsfa_config
-from experiments import claims, common, compression_cost, orthogonality, plots, seeded, stats
+from experiments import claims, common, compression_cost, e7, orthogonality, plots, seeded, stats
 from experiments.tables import accuracy_at_bits, first_reaching, markdown_table
 # The shared helpers under the names this module has always used.
 from experiments.tables import ci as _ci
@@ -48,10 +48,10 @@ from softjax import errors
 from softjax.run import experiment
 
 SEEDS_DEFAULT = (0, 1, 2, 3, 4)
-ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6")
+ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6", "e7")
 _EXPERIMENT = flags.DEFINE_enum("experiment", None,
                                 list(ALL_EXPERIMENTS) + ["all", "orthogonality"],
-                                "Which experiment to run (all: E1-E6 and DIR/report.md).")
+                                "Which experiment to run (all: E1-E7 and DIR/report.md).")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "cpu_v1", "paper", "test"],
                            "cpu: minutes on a CPU (the benchmark task); cpu_v1: the first CPU "
                            "task; paper: an accelerator; test: seconds.")
@@ -585,6 +585,14 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
     table, plot = e6_table(records), "e6_robustness.png"
     plots.queues_and_accuracy(records, os.path.join(out, plot),
                               title="E6: SOFT + TSFA under channel and client impairments")
+  elif name == "e7":
+    runs = e7.run(scale, rounds, checkpoint, *_seeded_dirs(out, root))
+    records = e7.rows(runs)
+    claims.update(_summary_path(root), "e7", e7.claims(records))
+    table, plot = e7.table(records), "e7_rules.png"
+    plots.accuracy_curves([r for r in runs if "diverged" not in r], lambda r: r["method"],
+                          os.path.join(out, plot),
+                          title=f"E7: aggregation rules and SOFT at rank {e7.RANK}")
   else:
     raise ValueError(f"unknown experiment {name!r}")
   common.write_json(os.path.join(out, f"{name}.json"), records)

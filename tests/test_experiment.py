@@ -484,7 +484,7 @@ def test_all_gathers_every_experiment_into_one_report(tmp_path, monkeypatch):
 
   monkeypatch.setattr(reproduce_lib, "run_experiment", fake_run_experiment)
   report = reproduce_lib.run_all(str(tmp_path), "test", 2, "unused.npz")
-  assert [c[0] for c in calls] == ["e1", "e2", "e3", "e4", "e5", "e6"]
+  assert [c[0] for c in calls] == ["e1", "e2", "e3", "e4", "e5", "e6", "e7"]
   assert all(c[1] == str(tmp_path / c[0]) and c[2:] == ("test", 2) for c in calls)
   for name in ("e1", "e6"):
     assert f"| table of {name} |" in report and f"![{name}]({name}/{name}.png)" in report
@@ -521,3 +521,23 @@ def test_last_round_adds_the_whole_split_from_the_same_pass(cache_dir, tmp_path)
   whole = experiment.run(make_config(cache_dir, rounds=4), str(tmp_path / "whole"))
   assert last["test_accuracy_full"] == whole["final_accuracy"]
   assert whole["final_accuracy_full"] is None  # no subset, nothing more to report
+
+
+@pytest.mark.slow
+def test_e7_driver_runs_every_rule_and_soft_as_seeded_runs(cache_dir, tmp_path):
+  out = reproduce(cache_dir, str(tmp_path / "e7"), "e7", "--rounds=2", "--seeds=0,1")
+  from softjax.config import choices
+  assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(
+      [f"e7_{r}.json" for r in choices.AGGREGATION_RULES] + ["e7_soft.json",
+                                                             "e7_soft_tsfa.json"])
+  rows = {r["label"]: r for r in json.load(open(os.path.join(out, "e7.json")))}
+  assert set(rows) == set(choices.AGGREGATION_RULES) | {"soft", "soft+tsfa"}
+  for r in rows.values():
+    assert len(r["final_accuracy"]) == 2 and len(r["accuracy_at_equal_uplink"]) == 2
+  # A frozen factor is not uploaded: FFA sends less than FedIT, and leaves no covariance term.
+  assert max(rows["ffa"]["uplink_mb"]) < min(rows["fedit"]["uplink_mb"])
+  assert max(rows["ffa"]["mean_cov_term"]) < 1e-4 < min(rows["fedit"]["mean_cov_term"])
+  claims = json.load(open(os.path.join(out, "summary.json")))
+  assert {c["method"] for c in claims if c["experiment"] == "e7"} == set(rows)
+  assert "| flexlora |" in open(os.path.join(out, "e7.md")).read()
+  assert os.path.getsize(os.path.join(out, "e7_rules.png")) > 10_000

@@ -1,0 +1,94 @@
+"""E7: the federated-LoRA aggregation rules and SOFT at one rank, as seeded runs.
+
+Every rule a run can select (`method.rule`: FedIT separate averaging, FFA-LoRA, RoLoRA,
+FedSVD, FlexLoRA) with dense uploads under the fixed controller, SOFT at O = 0.5 under the
+fixed controller, and SOFT under TSFA. Compared at equal rounds (final accuracy), at an equal
+uplink (each run's accuracy at the last evaluation within the cheapest run's mean total) and
+by the aggregation error each leaves (`cov_term`, the mean over the last rounds). The rules
+cannot run under TSFA (their payload is not what its controller prices), so only SOFT has a
+TSFA row. Per round time is the whole sweep's round (all seeds in one program) over the
+rounds: the client compute dominates it.
+
+References: issue 12, part 3; docs/algorithm.md section 5.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs import e1 as e1_config
+from configs import tsfa as tsfa_config
+from experiments import seeded
+from experiments.tables import accuracy_at_bits, ci_col, markdown_table, mean, per_seed
+from experiments.tables import row_claims
+from softjax.config import choices
+
+RANK = 8
+KEEP_RATIO = 0.5
+
+
+def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
+  config = e1_config.get_config(f"method=dense,rank={RANK},scale={scale},keep_ratio=1.0,"
+                                f"rounds={rounds},checkpoint={checkpoint}").unlock()
+  config.method.rule = rule
+  return config.lock()
+
+
+def run(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
+        workdirs: str) -> list[dict[str, Any]]:
+  """E7's seeded runs: every selectable rule, SOFT fixed, SOFT + TSFA."""
+  records = [seeded.run(f"e7_{rule}", _rule_config(rule, scale, rounds, checkpoint), seeds,
+                        runs, workdirs, {"method": rule, "rank": RANK, "keep_ratio": 1.0})
+             for rule in choices.AGGREGATION_RULES]
+  soft = e1_config.get_config(f"method=soft,rank={RANK},scale={scale},keep_ratio={KEEP_RATIO},"
+                              f"rounds={rounds},checkpoint={checkpoint}")
+  records.append(seeded.run("e7_soft", soft, seeds, runs, workdirs,
+                            {"method": "soft", "rank": RANK, "keep_ratio": KEEP_RATIO}))
+  tsfa = tsfa_config.get_config(f"controller=tsfa,scale={scale},rounds={rounds},"
+                                f"checkpoint={checkpoint}")
+  records.append(seeded.run("e7_soft_tsfa", tsfa, seeds, runs, workdirs,
+                            {"method": "soft+tsfa", "rank": None, "keep_ratio": None}))
+  return records
+
+
+def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per run its per-seed values; the equal uplink is the cheapest run's mean total."""
+  done = [r for r in records if "diverged" not in r]
+  budget = min(mean(seeded.values(r, "cum_uplink_bits")) for r in done)
+  out = []
+  for r in done:
+    rounds = r["per_seed"][0]["curve"]["round"][-1]
+    out.append({"label": r["method"], "method": r["method"], "seeds": r["seeds"],
+                "rank": r["rank"], "keep_ratio": r["keep_ratio"],
+                "seed_ranks": seeded.values(r, "rank"), "equal_uplink_mb": budget / 8e6,
+                "accuracy_at_equal_uplink": [accuracy_at_bits(s["curve"], budget)
+                                             for s in r["per_seed"]],
+                "round_s": r["round_time_s"] / rounds,
+                **per_seed(r, ("final_accuracy", "mean_cov_term", "latency_over_budget"))})
+  return out
+
+
+def table(rows_: list[dict[str, Any]]) -> str:
+  ranks = lambda r: "/".join(str(k) for k in sorted(set(r["seed_ranks"])))  # noqa: E731
+  return markdown_table([
+      ("rule / method", lambda r: r["label"]), ("rank", ranks),
+      ("seeds", lambda r: str(len(r["seeds"]))),
+      ci_col("final accuracy", "final_accuracy"),
+      ci_col("uplink (MB)", "uplink_mb", ".2f"),
+      ci_col("accuracy at equal uplink", "accuracy_at_equal_uplink"),
+      ci_col("aggregation error (last rounds)", "mean_cov_term", ".4f"),
+      ci_col("mean latency / budget", "latency_over_budget", ".3f"),
+      ("round (s, all seeds)", lambda r: f"{r['round_s']:.2f}")], rows_) + (
+      f"\nMean ± Student-t 95 % half-width over the seeds. Equal uplink: "
+      f"{rows_[0]['equal_uplink_mb']:.3f} MB (the cheapest run's mean total).\n")
+
+
+def claims(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  out = []
+  for row in rows_:
+    rank = row["rank"] or max(set(row["seed_ranks"]), key=row["seed_ranks"].count)
+    out += row_claims("e7", row, ("final_accuracy", "uplink_mb", "accuracy_at_equal_uplink",
+                                  "mean_cov_term", "latency_over_budget"), row["label"], rank,
+                      row["keep_ratio"], names={"accuracy_at_equal_uplink":
+                                                f"accuracy_at_{row['equal_uplink_mb']:.3f}_mb"})
+  return out
