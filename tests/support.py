@@ -111,13 +111,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 6
 
 
-def make_config(cache_dir, rounds=ROUNDS, **overrides):
-  config = testing.get_config(f"rounds={rounds}").unlock()
-  config.model.cache_dir = cache_dir
+def with_overrides(config, overrides):
+  """`config` (unlocked) with `{"section.field": value}` set."""
   for key, value in overrides.items():
     section, leaf = key.split(".")
     config[section][leaf] = value
   return config
+
+
+def quickstart_with(overrides):
+  """configs/quickstart.py with `{"section.field": value}` set."""
+  from softjax import config as config_lib
+  return with_overrides(config_lib.load("configs/quickstart.py").unlock(), overrides)
+
+
+def make_config(cache_dir, rounds=ROUNDS, **overrides):
+  config = testing.get_config(f"rounds={rounds}").unlock()
+  config.model.cache_dir = cache_dir
+  return with_overrides(config, overrides)
 
 
 def comparable(rows):

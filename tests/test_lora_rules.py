@@ -236,13 +236,10 @@ def test_flexlora_round_is_the_truncated_svd_of_the_mean_product():
 def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
   from softjax import config as config_lib
   from softjax import errors
+  from tests.support import quickstart_with
 
-  config = config_lib.load("configs/quickstart.py").unlock()
-  for field, value in overrides.items():
-    section, leaf = field.split(".")
-    config[section][leaf] = value
   with pytest.raises(errors.ConfigError, match=line):
-    config_lib.validate(config)
+    config_lib.validate(quickstart_with(overrides))
 
 
 @pytest.mark.slow

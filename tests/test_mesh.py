@@ -14,7 +14,7 @@ from softjax.federated import placement, schedule
 from softjax.federated import round as round_lib
 from softjax.federated import types as fl_types
 from softjax.sparsify import sparsifier as sparsifiers
-from tests.support import make_data, tiny_setup
+from tests.support import make_data, tiny_setup, with_overrides
 
 
 def test_suite_sees_four_fake_devices():
@@ -201,10 +201,7 @@ def run_config(cache_dir, **overrides):
   config.model.cache_dir = cache_dir
   config.method.name, config.method.keep_ratio, config.method.zeta = "soft", 0.5, 0.1
   config.controller.name = "osfa"
-  for key, value in overrides.items():
-    section, leaf = key.split(".")
-    config[section][leaf] = value
-  return config
+  return with_overrides(config, overrides)
 
 
 def assert_rows_close(got, want):

@@ -97,10 +97,7 @@ EXTRA_RULES = [
 @pytest.mark.parametrize("overrides,field,allowed", EXTRA_RULES,
                          ids=["-".join(sorted(r[0])) for r in EXTRA_RULES])
 def test_rules_without_a_case_in_test_config_name_their_field(overrides, field, allowed):
-  config = support.make_testing_config()
-  for key, value in overrides.items():
-    section, leaf = key.split(".")
-    config[section][leaf] = value
+  config = support.with_overrides(support.make_testing_config(), overrides)
   with pytest.raises(config_lib.ConfigError) as err:
     config_lib.validate(config)
   assert err.value.field == field

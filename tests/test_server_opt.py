@@ -15,7 +15,7 @@ from softjax.federated import server_opt
 from softjax.federated import types as fl_types
 from softjax.run import experiment
 from softjax.run import metrics as metrics_lib
-from tests.support import comparable, make_config
+from tests.support import comparable, make_config, quickstart_with
 
 
 def _steps(tx, x0, aggregates):
@@ -100,17 +100,13 @@ def test_fedavgm_without_momentum_at_lr_one_is_fedavg(cache_dir, tmp_path):
     ("fl.prox_mu", -0.1, "fl.prox_mu.*must be a finite number >= 0"),
 ])
 def test_bad_server_fields_are_named(field, value, line):
-  config = config_lib.load("configs/quickstart.py").unlock()
-  section, leaf = field.split(".")
-  config[section][leaf] = value
   with pytest.raises(errors.ConfigError, match=line):
-    config_lib.validate(config)
+    config_lib.validate(quickstart_with({field: value}))
 
 
 def test_reorthogonalize_with_a_server_optimizer_is_refused():
-  config = config_lib.load("configs/quickstart.py").unlock()
-  config.method.name, config.method.keep_ratio = "soft", 0.5
-  config.method.reorthogonalize, config.server.optimizer = True, "fedadam"
+  config = quickstart_with({"method.name": "soft", "method.keep_ratio": 0.5,
+                            "method.reorthogonalize": True, "server.optimizer": "fedadam"})
   with pytest.raises(errors.ConfigError, match="server.optimizer.*method.reorthogonalize"):
     config_lib.validate(config)
 
@@ -218,12 +214,8 @@ def test_scaffold_round_equals_the_per_client_reference():
       "method.reorthogonalize": True}, "fl.scaffold.*method.reorthogonalize"),
 ])
 def test_scaffold_combinations_it_cannot_run_are_refused(overrides, line):
-  config = config_lib.load("configs/quickstart.py").unlock()
-  for field, value in overrides.items():
-    section, leaf = field.split(".")
-    config[section][leaf] = value
   with pytest.raises(errors.ConfigError, match=line):
-    config_lib.validate(config)
+    config_lib.validate(quickstart_with(overrides))
 
 
 @pytest.mark.slow
