@@ -176,8 +176,8 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
     fields: what identifies the configuration in the record (method, rank, ...).
 
   Returns:
-    {name, **fields, seeds, config_sha256 (`fingerprint`), per_seed: [seed_record], lora_shapes (the LoRA tree's shapes),
-    round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s
+    {name, **fields, seeds, config_sha256 (`fingerprint`), per_seed: [seed_record],
+    lora_shapes (the LoRA tree's shapes), round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s
     (this invocation's, short when it resumed a finished workdir)}, or, when the loss went non-finite (a measured outcome too: recorded, not
     retried), {name, **fields, seeds, diverged}.
   """

@@ -6,7 +6,8 @@ checked against these lists by the tests.
 """
 
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")  # federated/server_opt
+# federated/server_opt.py
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")
 BACKBONE_KINDS = ("pretrain", "random")  # or a path to a ViT .npz checkpoint
 PAYLOAD_VALUE_BITS = (16, 32)

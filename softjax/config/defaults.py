@@ -89,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The server's step on the aggregate (FedOpt; federated/server_opt.py, docs/algorithm.md 6).
   c.server = ml_collections.ConfigDict()
-  c.server.optimizer = "fedavg"  # fedavg (the aggregate as it is) | fedavgm | fedadagrad | fedyogi | fedadam
+  # fedavg (the aggregate as it is) | fedavgm | fedadagrad | fedyogi | fedadam
+  c.server.optimizer = "fedavg"
   c.server.lr = 1.0  # server learning rate (fedavgm: 1.0 with momentum; adaptive: e.g. 0.01-0.1)
   c.server.momentum = 0.9  # fedavgm
   c.server.b1 = 0.9  # first-moment decay (adaptive)

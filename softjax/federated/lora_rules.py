@@ -12,11 +12,11 @@ ALGORITHM.md 3; FLoRA and FedEx-LoRA fold it into W0 and leave none; FlexLoRA le
 truncation.
 
 The per-layer functions compute the server's side. The last section says, for the rules a run
-can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a client trains in a round (FFA-LoRA and FedSVD: B only;
-RoLoRA: B, then A, by round) and how the server turns the received factors into the next
-global ones; the round applies both (federated/round.py). FedSA-LoRA, FLoRA, FedEx-LoRA and
-heterogeneous ranks need per-client B or the frozen weights as round state and are not
-selectable yet.
+can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a client trains in
+a round (FFA-LoRA and FedSVD: B only; RoLoRA: B, then A, by round) and how the server turns
+the received factors into the next global ones; the round applies both
+(federated/round.py). FedSA-LoRA, FLoRA, FedEx-LoRA and heterogeneous ranks need per-client B
+or the frozen weights as round state and are not selectable yet.
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """
@@ -178,10 +178,9 @@ def trained_factors(rule: str, round_index: jax.Array) -> jax.Array:
 
 
 def _received(global_lora, sent):
-  """Per layer the clients' factors B_k = B^t + sent_k, A_k = A^t + sent_k: [K, ...]."""
-  pairs, treedef = factor_pairs(global_lora)
-  sent_pairs, _ = factor_pairs(sent)
-  return [(g["B"][None] + s["B"], g["A"][None] + s["A"]) for g, s in zip(pairs, sent_pairs)], treedef
+  """Per layer the clients' factors (B_k, A_k) = global + sent_k, [K, ...]; and the treedef."""
+  pairs, treedef = factor_pairs(jax.tree.map(lambda g, s: g[None] + s, global_lora, sent))
+  return [(p["B"], p["A"]) for p in pairs], treedef
 
 
 def server_update(rule: str, global_lora, sent, weights: jax.Array, averaged):

@@ -2,8 +2,8 @@
 
 `RunState.server` is what the jitted round takes and returns (global factors, head, round,
 error-feedback residuals of all N clients, the server optimizer's state); `RunState.controller`
-is the host state of the latency controller (virtual queue, solver failures). For a sweep every leaf has a leading
-`[S]` member axis. Orbax saves `to_tree(state)` whole.
+is the host state of the latency controller (virtual queue, solver failures). For a sweep
+every leaf has a leading `[S]` member axis. Orbax saves `to_tree(state)` whole.
 """
 
 from __future__ import annotations
