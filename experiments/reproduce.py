@@ -33,7 +33,7 @@ from typing import Any
 from absl import flags
 
 from configs import e1 as e1_config
-from configs import quickstart
+from configs import quickstart, scales
 from configs import tsfa as tsfa_config
 from experiments import claims, common, compression_cost, e7, orthogonality, plots, seeded, stats
 from experiments.tables import accuracy_at_bits, first_reaching, markdown_table
@@ -52,8 +52,8 @@ ALL_EXPERIMENTS = ("e1", "e2", "e3", "e4", "e5", "e6", "e7")
 _EXPERIMENT = flags.DEFINE_enum("experiment", None,
                                 list(ALL_EXPERIMENTS) + ["all", "orthogonality"],
                                 "Which experiment to run (all: E1-E7 and DIR/report.md).")
-_SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "cpu_v1", "paper", "test"],
-                           "cpu: minutes on a CPU (the benchmark task); cpu_v1: the first CPU "
+_SCALE = flags.DEFINE_enum("scale", "cpu", list(scales.SCALES),
+                           "cpu: minutes on a CPU (the benchmark task); cpu_k10: it with K = 10; cpu_v1: the first CPU "
                            "task; paper: an accelerator; test: seconds.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Override the number of rounds (0: the config's).")
@@ -231,7 +231,7 @@ def e1_table(rows: list[dict[str, Any]], compress_s: dict[tuple[str, int], float
 
 
 E2_RANKS = (1, 2, 4, 8, 16, 32, 64)
-E4_EVAL_EVERY = {"cpu": 4, "cpu_v1": 4, "paper": 5, "test": 1}  # finer than the default, to time the target
+E4_EVAL_EVERY = {"cpu": 4, "cpu_k10": 4, "cpu_v1": 4, "paper": 5, "test": 1}  # finer than the default, to time the target
 E4_TARGET_FRACTION = 0.97  # [choice] default target: this share of dense's best accuracy
 
 
@@ -405,9 +405,9 @@ def e4_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _SHARDS = (1, 2, 5, 20, 0)  # 0 = iid
-E3_SHARDS = {"cpu": _SHARDS, "cpu_v1": _SHARDS, "paper": _SHARDS, "test": (1, 0)}
+E3_SHARDS = {"cpu": _SHARDS, "cpu_k10": _SHARDS, "cpu_v1": _SHARDS, "paper": _SHARDS, "test": (1, 0)}
 _GRID = ((0.0, 0.1, 1.0), (0.1, 1.0, 10.0))  # (zeta values, V values)
-E5_GRID = {"cpu": _GRID, "cpu_v1": _GRID, "paper": _GRID, "test": ((0.0, 0.5), (0.5, 4.0))}
+E5_GRID = {"cpu": _GRID, "cpu_k10": _GRID, "cpu_v1": _GRID, "paper": _GRID, "test": ((0.0, 0.5), (0.5, 4.0))}
 
 
 def run_e3(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
