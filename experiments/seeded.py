@@ -47,7 +47,7 @@ TAIL_ROUNDS = 20
 SOFT_DIAGNOSTICS = ("orth_residual_B", "orth_residual_A", "score_gap", "dropped_share")
 # Config fields that decide where a run executes or what it writes, not its numbers.
 _NOT_RESULTS = ("checkpoint", "metrics", "mesh", "data.data_dir", "model.cache_dir",
-                "fl.client_parallelism", "seed", "sweep.seed")
+                "fl.client_parallelism", "fl.client_store", "seed", "sweep.seed")
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:

@@ -215,8 +215,9 @@ def assert_rows_close(got, want):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"mesh.devices": 2},
-                                       {"mesh.devices": 0, "mesh.shard_data": True}],
-                         ids=["2_devices", "all_devices_sharded_data"])
+                                       {"mesh.devices": 0, "mesh.shard_data": True},
+                                       {"mesh.devices": 4, "fl.client_store": "host"}],
+                         ids=["2_devices", "all_devices_sharded_data", "host_store_padded"])
 def test_sharded_run_equals_unsharded_run(cache_dir, tmp_path, overrides):
   from softjax.run import experiment
 
@@ -228,12 +229,14 @@ def test_sharded_run_equals_unsharded_run(cache_dir, tmp_path, overrides):
 
 
 @pytest.mark.slow
-def test_sharded_sweep_splits_members_over_devices(cache_dir, tmp_path):
+@pytest.mark.parametrize("store", ["device", "host"])
+def test_sharded_sweep_splits_members_over_devices(cache_dir, tmp_path, store):
   from softjax.run import experiment
 
   sweep = {"sweep.zeta": "0,0.1", "sweep.mode": "zip"}
   want = experiment.run(run_config(cache_dir, **sweep), str(tmp_path / "one"))
-  got = experiment.run(run_config(cache_dir, **sweep, **{"mesh.devices": 2}),
+  got = experiment.run(run_config(cache_dir, **sweep, **{"mesh.devices": 2,
+                                                         "fl.client_store": store}),
                        str(tmp_path / "mesh"))
   assert got["devices"] == 2 and got["round_traces"] == 1
   assert_rows_close(got["rows"], want["rows"])

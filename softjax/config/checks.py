@@ -91,6 +91,7 @@ def _validate_fl(fl: ml_collections.ConfigDict) -> None:
   rules.choice("fl.value_bits", fl.value_bits, choices.PAYLOAD_VALUE_BITS)
   rules.number("fl.prox_mu", fl.prox_mu, 0, what=" (FedProx's proximal weight; 0 = off)")
   rules.boolean("fl.scaffold", fl.scaffold)
+  rules.choice("fl.client_store", fl.client_store, choices.CLIENT_STORES)
   rules.check(not fl.scaffold or fl.client_optimizer == "sgd", "fl.scaffold", fl.scaffold,
               f"needs fl.client_optimizer=sgd (its control update assumes SGD steps), not "
               f"{fl.client_optimizer}")
@@ -164,6 +165,10 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
   if m.num_processes:
     rules.check(m.process_id < m.num_processes, "mesh.process_id", m.process_id,
                 f"must be below mesh.num_processes ({m.num_processes})")
+  # Every process would hold and update its own copy of the host store; not supported yet.
+  rules.check(not (m.distributed and config.fl.client_store == "host"), "fl.client_store",
+              "host", "must be device with mesh.distributed = True (a multi-process run keeps "
+              "per-client state on the devices)")
   if m.distributed:
     rules.check(m.devices == 0, "mesh.devices", m.devices,
                 "must be 0 (every device of every process) with mesh.distributed = True")

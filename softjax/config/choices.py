@@ -6,6 +6,7 @@ checked against these lists by the tests.
 """
 
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
+CLIENT_STORES = ("device", "host")  # where per-client state lives (federated/client_store.py)
 # federated/server_opt.py
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam")
 LR_SCHEDULES = ("constant", "cosine")

@@ -10,9 +10,10 @@ import os
 import ml_collections
 
 # Fields that may differ between a checkpointed run and the command that resumes it: they change
-# how long the run goes or what it logs, never the computation of a round that already ran.
-RESUMABLE_FIELDS = ("fl.rounds", "eval.every", "eval.final_full", "checkpoint.every", "checkpoint.keep",
-                    "model.cache_dir", "mesh.coordinator_address", "mesh.process_id",
+# how long the run goes, what it logs or where per-client state is kept (fl.client_store: the
+# same rows, up to float32 rounding under re-orthogonalization), never what a round computes.
+RESUMABLE_FIELDS = ("fl.rounds", "fl.client_store", "eval.every", "eval.final_full",
+                    "checkpoint.every", "checkpoint.keep", "model.cache_dir", "mesh.coordinator_address", "mesh.process_id",
                     "metrics.writers", "metrics.wandb_project")
 
 
@@ -86,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.fl.value_bits = 32  # bits per uploaded value: 32 (float32) or 16 (bfloat16)
   c.fl.prox_mu = 0.0  # FedProx: mu ||w - w_global||^2 / 2 in every client's objective; 0 = off
   c.fl.scaffold = False  # SCAFFOLD control variates (client SGD, fixed controller); N copies
+  # Where the N clients' per-client state (residuals, SCAFFOLD's c_k) lives: device (one
+  # [N, ...] array per leaf, all on the accelerator) | host (NumPy on the host; each round moves
+  # only the K sampled rows to the device: device memory grows with K, not N).
+  c.fl.client_store = "device"
 
   # The server's step on the aggregate (FedOpt; federated/server_opt.py, docs/algorithm.md 6).
   c.server = ml_collections.ConfigDict()

@@ -71,6 +71,9 @@ class RoundPhases:
   error_feedback: bool
   scaffold: bool = False
   rule: str = "fedit"  # the federated-LoRA aggregation rule (federated/lora_rules.py)
+  # The per-client stores in the state hold only this round's slots, gathered on the host
+  # (federated/client_store.py); row j is slot j, not client id j.
+  host_store: bool = False
 
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -79,7 +82,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 reorthogonalize: bool = False,
                 server_optimizer: optax.GradientTransformation | None = None,
                 prox_mu: float = 0.0, scaffold: bool = False,
-                rule: str = "fedit") -> RoundPhases:
+                rule: str = "fedit", host_store: bool = False,
+                num_clients: int = 0) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -102,6 +106,12 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, rolora, fedsvd,
       flexlora): which factors clients train each round and how the server re-forms them;
       other than fedit, dense uploads only.
+    host_store: the state's residuals and client controls are the K sampled clients' rows,
+      gathered by the host (federated/client_store.py), not all N clients'; with
+      `reorthogonalize` the metrics carry the round's change of basis, for the rows left on
+      the host.
+    num_clients: N, which SCAFFOLD's server control averages over; 0: the store's rows (N
+      unless `host_store`).
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
@@ -111,6 +121,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
   if reorthogonalize and (server_optimizer is not None or scaffold):
     # Moments and control variates live in the factors' old basis.
     raise ValueError("reorthogonalize cannot run with a server optimizer or SCAFFOLD")
+  if host_store and scaffold and not num_clients:
+    raise ValueError("SCAFFOLD with a host store needs num_clients (N)")
   if scaffold and optimizer != "sgd":
     raise ValueError(f"SCAFFOLD's control update assumes client SGD, not {optimizer}")
   if rule != "fedit" and (method.name != "dense" or reorthogonalize or scaffold):
@@ -154,9 +166,10 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
 
   return RoundPhases(clients=clients,
                      server=_server_phase(method, reorthogonalize, server_optimizer, scaffold,
-                                          rule),
+                                          rule, num_clients),
                      metrics=_metrics_phase(method, value_bits, head_params, scaffold, rule),
-                     error_feedback=method.error_feedback, scaffold=scaffold, rule=rule)
+                     error_feedback=method.error_feedback, scaffold=scaffold, rule=rule,
+                     host_store=host_store)
 
 
 def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
@@ -170,13 +183,14 @@ def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
 
 def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
                   server_optimizer: optax.GradientTransformation | None = None,
-                  scaffold: bool = False, rule: str = "fedit"):
+                  scaffold: bool = False, rule: str = "fedit", num_clients: int = 0):
   """The server phase of `method`: aggregation, the server optimizer's step on it, the
   residual store (ALGORITHM.md 2.4, 3) and SCAFFOLD's control variates."""
 
-  def server(state, glob, uploads, head_deltas, ids, valid, received, data_counts,
+  def server(state, glob, uploads, head_deltas, rows, valid, received, data_counts,
              new_controls=None):
-    """The next global factors, head and residual store; and the aggregation weights."""
+    """The next global factors, head and residual store; the aggregation weights; and the
+    re-orthogonalization's bases (() without it). `rows` [C] index the per-client stores."""
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
@@ -191,12 +205,14 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
       kept = jax.tree.map(lambda r, s: r + _per_client(1.0 - received, s) * s,
                           uploads.residual, uploads.sent)
       # Padding slots point past the end, so their write is dropped.
-      write_ids = jnp.where(valid > 0, ids, _num_rows(state))
+      write_ids = jnp.where(valid > 0, rows, _num_rows(state))
       residuals = jax.tree.map(
           lambda all_r, r: all_r.at[write_ids].set(r, mode="drop"), state.residuals, kept)
     control, client_controls = state.control, state.client_controls
     if scaffold:
-      control, client_controls = _scaffold_controls(state, ids, valid * received, new_controls)
+      control, client_controls = _scaffold_controls(state, rows, valid * received, new_controls,
+                                                    num_clients)
+    bases = ()
     if reorthogonalize:
       # Every stored residual is in the old basis, the sampled clients' just written included.
       lora, bases = reorth.reorthogonalize(trainable.lora)
@@ -206,20 +222,21 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
     new_state = ServerState(trainable=trainable, round=state.round + 1, residuals=residuals,
                             server_opt=opt_state, control=control,
                             client_controls=client_controls)
-    return new_state, weights
+    return new_state, weights, bases
 
   return server
 
 
-def _scaffold_controls(state: ServerState, ids, arrived, new_controls):
+def _scaffold_controls(state: ServerState, rows, arrived, new_controls, num_clients: int = 0):
   """SCAFFOLD's server side: c <- c + (1/N) sum_{k in S} (c_k+ - c_k) over the uploads that
   arrived, which also store their c_k+; [choice] a client whose upload was lost keeps its old
-  c_k, so that c stays the mean of the stored c_k."""
-  n = _num_rows(state, state.client_controls)
-  old = jax.tree.map(lambda all_c: all_c[ids], state.client_controls)
+  c_k, so that c stays the mean of the stored c_k. `rows` index the store of c_k."""
+  n = num_clients or _num_rows(state, state.client_controls)
+  stored = _num_rows(state, state.client_controls)
+  old = jax.tree.map(lambda all_c: all_c[rows], state.client_controls)
   delta = jax.tree.map(lambda new, o: _per_client(arrived, new) * (new - o), new_controls, old)
   control = jax.tree.map(lambda c, d: c + d.sum(axis=0) / n, state.control, delta)
-  write_ids = jnp.where(arrived > 0, ids, n)  # the others are dropped
+  write_ids = jnp.where(arrived > 0, rows, stored)  # the others are dropped
   client_controls = jax.tree.map(lambda all_c, new: all_c.at[write_ids].set(new, mode="drop"),
                                  state.client_controls, new_controls)
   return control, client_controls
@@ -288,9 +305,10 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     # Keys follow the client id, not its slot in S_t, so a client's data order does not
     # depend on which other clients were sampled with it.
     keys = jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
-    residuals = (jax.tree.map(lambda r: r[client_ids], state.residuals)
+    rows = _store_rows(phases, state, client_ids)
+    residuals = (jax.tree.map(lambda r: r[rows], state.residuals)
                  if phases.error_feedback else None)
-    corrections = (jax.tree.map(lambda c, all_c: c[None] - all_c[client_ids], state.control,
+    corrections = (jax.tree.map(lambda c, all_c: c[None] - all_c[rows], state.control,
                                 state.client_controls) if phases.scaffold else None)
     scalars = hparams._replace(uplink=None)  # what a client reads; the links are [C]
     if phases.rule != "fedit":
@@ -300,10 +318,13 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
         glob, frozen, data, scalars, client_ids, keys, (residuals, corrections))
     data_counts = data.counts[client_ids]
     received = valid if hparams.uplink is None else hparams.uplink.received * valid
-    new_state, weights = phases.server(state, glob, uploads, head_deltas, client_ids, valid,
-                                       received, data_counts, new_controls)
+    new_state, weights, bases = phases.server(state, glob, uploads, head_deltas, rows, valid,
+                                              received, data_counts, new_controls)
     metrics = phases.metrics(glob, new_state.trainable.lora, uploads, losses, valid, received,
                              weights, data_counts, hparams.uplink)
+    if phases.host_store:
+      # The host moves the rows it keeps into the new basis when it next hands them out.
+      metrics = metrics._replace(bases=bases)
     return new_state, metrics
 
   return round_fn
@@ -324,6 +345,15 @@ def slot_examples(data: FederatedData, ids: jax.Array) -> FederatedData:
   table = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (ids.shape[0], 1, width))
   return FederatedData(images=data.images[rows], labels=data.labels[rows], table=table,
                        counts=data.counts[ids][:, None])
+
+
+def _store_rows(phases: RoundPhases, state: ServerState, client_ids: jax.Array) -> jax.Array:
+  """[C] rows of the per-client stores: the client ids; with a host store, which holds the
+  K sampled clients in order, the slot (padding slots past K wrap around: they write nothing)."""
+  if not phases.host_store or not (phases.error_feedback or phases.scaffold):
+    return client_ids
+  store = state.residuals if phases.error_feedback else state.client_controls
+  return jnp.arange(client_ids.shape[0], dtype=jnp.int32) % _num_rows(state, store)
 
 
 def _num_rows(state: ServerState, store: PyTree | None = None) -> int:

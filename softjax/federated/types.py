@@ -82,6 +82,9 @@ class RoundMetrics(NamedTuple):
   # SOFT's scores on the factors clients score (global + sent + residual, before sparsifying):
   score_gap: jax.Array  # float32 [], mean over clients and layers of ||sort(s) - sigma||/||sigma||
   score_energy: jax.Array  # float32 [], sum over clients and layers of sum_i s_i^2
+  # With a host client store and re-orthogonalization: the round's change of basis per layer
+  # (list of reorthogonalize.Basis), for the residuals the host keeps; () otherwise.
+  bases: PyTree = ()
 
 
 def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool,

@@ -66,12 +66,13 @@ def _check_resumable(host: dict, config: ml_collections.ConfigDict, directory: s
         "a new --workdir. Differences:\n  " + "\n  ".join(conflicts))
 
 
-def _restored_state(tree: dict, host: dict, members: int) -> run_state.RunState:
-  """The run state of a restored tree; a checkpoint made before the controller state joined
-  the tree kept it in the host record, which is read instead."""
+def _restored_state(tree: dict, host: dict, members: int, init: run_state.RunState
+                    ) -> run_state.RunState:
+  """The run state of a restored tree (laid out as `init`, the initial state); a checkpoint
+  made before the controller state joined the tree kept it in the host record, read instead."""
   if "controller" not in tree:
     tree = {**tree, "controller": run_state.legacy_controller(host, members)}
-  return run_state.from_tree(tree)
+  return run_state.from_tree(tree, like=init)
 
 
 def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.ConfigDict,
@@ -106,7 +107,7 @@ def restore_or_init(ckpt: checkpointing.RunCheckpointer, config: ml_collections.
                     "cannot be computed again; the run goes on without them", metrics_path,
                     metrics_lib.describe_rounds(missing))
   print(f"resuming from {ckpt.directory} after {step} completed rounds", flush=True)
-  return _restored_state(tree, host, members), host, step, kept, missing
+  return _restored_state(tree, host, members, init), host, step, kept, missing
 
 
 def _host_record(config: ml_collections.ConfigDict, cum_bits: list[int]) -> dict[str, Any]:

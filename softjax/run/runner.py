@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from softjax.federated import evaluation, placement, schedule
+from softjax.federated import client_store, evaluation, placement, schedule
 from softjax.federated import round as round_lib
 from softjax.federated import types as fl_types
 from softjax.models import lora as lora_lib
@@ -47,6 +47,7 @@ class RoundRunner:
                members: list[Member]):
     fl = config.fl
     self.traces = 0
+    self.config = config
     self.swept = len(members) > 1
     mesh = shared.mesh
     phases = round_lib.make_phases(
@@ -56,7 +57,9 @@ class RoundRunner:
         sparsifier=shared.sparsifier, penalty=config.method.penalty, value_bits=fl.value_bits,
         head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize,
         server_optimizer=server_optimizer(config), prox_mu=fl.prox_mu, scaffold=fl.scaffold,
-        rule=config.method.rule)
+        rule=config.method.rule, host_store=fl.client_store == "host",
+        num_clients=fl.num_clients)
+    self.host_store = phases.host_store
     eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in lora_lib.factor_pairs(lora)[0]]
@@ -89,7 +92,8 @@ class RoundRunner:
     self.shared, self.members, self.config = shared, members, config
 
   def initial_state(self) -> run_state.RunState:
-    """Every member's round-0 state (stacked for a sweep), placed as the round keeps it."""
+    """Every member's round-0 state (stacked for a sweep), placed as the round keeps it; with a
+    host store, the N clients' zero rows on the host."""
     servers = [m.init_state for m in self.members]
     controllers = [controller_lib.init_state() for _ in self.members]
     if self.swept:
@@ -97,11 +101,28 @@ class RoundRunner:
       controller = run_state.stack_trees(controllers, xp=np)
     else:
       server, controller = servers[0], controllers[0]
+    store = None
+    if self.host_store:
+      # The members' states hold K rows (setup.build_member); the N zero rows start here.
+      store = client_store.ClientStore.zeros(server.residuals, server.client_controls,
+                                             self.config.fl.num_clients, self.swept,
+                                             self.config.method.reorthogonalize)
+      store.start(0)
+    return run_state.RunState(self._placed(server), controller, store)
+
+  def _placed(self, server: fl_types.ServerState) -> fl_types.ServerState:
     if self.shared.mesh is None:
-      server = jax.device_put(server)
-    else:
-      server = placement.place_state(server, self.shared.mesh, stacked=self.swept)
-    return run_state.RunState(server, controller)
+      return jax.device_put(server)
+    return placement.place_state(server, self.shared.mesh, stacked=self.swept)
+
+  def _gathered(self, state: run_state.RunState, clients: list[np.ndarray]
+                ) -> fl_types.ServerState:
+    """The server state with the sampled clients' rows from the host store, on the device."""
+    residuals, controls = state.clients.gather(clients)
+    rows = state.server._replace(residuals=residuals, client_controls=controls)
+    placed = self._placed(rows)  # the server's other fields are already placed: no copy
+    return state.server._replace(residuals=placed.residuals,
+                                 client_controls=placed.client_controls)
 
   def _slice(self, tree, i: int):
     return run_state.member_slice(tree, i) if self.swept else tree
@@ -137,28 +158,31 @@ class RoundRunner:
     """
     tick = time.time()
     clients, plans, lrs, hparams, controllers = self._plan(state, t)
+    server = state.server if state.clients is None else self._gathered(state, clients)
     dispatched = time.time()
     if self.swept:
-      server, m = self.round(state.server, self.shared.frozen, self.shared.data,
+      server, m = self.round(server, self.shared.frozen, self.shared.data,
                              np.stack(clients), self.root_keys, run_state.stack_trees(hparams))
     else:
-      server, m = self.round(state.server, self.shared.frozen, self.shared.data, clients[0],
+      server, m = self.round(server, self.shared.frozen, self.shared.data, clients[0],
                              self.root_keys, hparams[0])
     m = jax.tree.map(np.asarray, m)  # waits for the device
     returned = time.time()
+    if state.clients is not None:
+      state.clients.scatter(clients, server.residuals, server.client_controls, m.bases)
     rows = []
     for i, (member, plan, lr) in enumerate(zip(self.members, plans, lrs)):
       mi = self._slice(m, i)
       latency = float(np.max(mi.client_latency_s))
       controllers[i] = member.controller.observe(controllers[i], latency)
       rows.append(self._row(t, i, plan, lr, mi, latency, float(controllers[i].queue)))
-    # Host time: sampling, the controller's channel draw and solve, and the rows; the rest of
-    # the round is the device (the dispatch returns at once, np.asarray waits).
+    # Host time: sampling, the controller's channel draw and solve, the host store's gather and
+    # scatter, and the rows; the rest of the round is the device (the dispatch returns at once, np.asarray waits).
     done = time.time()
     for row in rows:
       row.update(round_time_s=done - tick, host_time_s=(dispatched - tick) + (done - returned))
     controller = (run_state.stack_trees(controllers, xp=np) if self.swept else controllers[0])
-    return run_state.RunState(server, controller), rows
+    return run_state.RunState(server, controller, state.clients), rows
 
   def _row(self, t: int, i: int, plan, lr: float, mi: fl_types.RoundMetrics, latency: float,
            queue: float) -> dict:

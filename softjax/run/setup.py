@@ -288,8 +288,11 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
   lora = lora_lib.init_lora(model, jax.random.fold_in(jax.random.key(config.seed), 1),
                             shared.image_shape)
   tx = server_optimizer(config)
+  # With a host store the device state holds the K rows of a round, never all N.
+  rows = (config.fl.clients_per_round if config.fl.client_store == "host"
+          else config.fl.num_clients)
   state = fl_types.init_state(
-      lora, shared.head, config.fl.num_clients, shared.sparsifier.error_feedback,
+      lora, shared.head, rows, shared.sparsifier.error_feedback,
       server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)),
       scaffold=config.fl.scaffold)
   member = Member(config=config, setting=setting, init_state=state,

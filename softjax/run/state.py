@@ -2,8 +2,11 @@
 
 `RunState.server` is what the jitted round takes and returns (global factors, head, round,
 error-feedback residuals of all N clients, the server optimizer's state); `RunState.controller`
-is the host state of the latency controller (virtual queue, solver failures). For a sweep
-every leaf has a leading `[S]` member axis. Orbax saves `to_tree(state)` whole.
+is the host state of the latency controller (virtual queue, solver failures). With
+`fl.client_store = "host"`, `RunState.clients` holds the N clients' per-client state on the host
+and the server's per-client fields hold only the K rows of a round (federated/client_store.py).
+For a sweep every leaf has a leading `[S]` member axis. Orbax saves `to_tree(state)` whole; the
+tree is the same for either store, so a checkpoint resumes with either.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softjax.federated import client_store as client_store_lib
 from softjax.federated import types as fl_types
 from softjax.tsfa import controller as controller_lib
 
@@ -23,12 +27,17 @@ PyTree = Any
 class RunState(NamedTuple):
   server: fl_types.ServerState  # device arrays; [S, ...] for a sweep
   controller: controller_lib.ControllerState  # host arrays; [S] for a sweep
+  clients: client_store_lib.ClientStore | None = None  # the host store; None: on the device
 
 
 def to_tree(state: RunState) -> dict:
   """The checkpointed tree; its keys are those of the checkpoints made before the controller
   state joined it, plus `controller`."""
   server = state.server
+  if state.clients is not None:
+    # All N rows, brought into the current basis (the checkpoint of a device store holds them so).
+    residuals, client_controls = state.clients.materialized()
+    server = server._replace(residuals=residuals, client_controls=client_controls)
   tree = {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
           "residuals": server.residuals, "controller": state.controller._asdict()}
   # Optional parts appear only when used, so a plain run keeps the tree of earlier checkpoints.
@@ -38,7 +47,9 @@ def to_tree(state: RunState) -> dict:
   return tree
 
 
-def from_tree(tree: dict) -> RunState:
+def from_tree(tree: dict, like: RunState | None = None) -> RunState:
+  """The run state of a checkpointed tree; with `like` (the run's initial state) holding a host
+  store, the N rows go into a new host store and the server keeps `like`'s K-row fields."""
   server = fl_types.ServerState(
       trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
       residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()),
@@ -46,7 +57,14 @@ def from_tree(tree: dict) -> RunState:
   c = tree["controller"]
   controller = controller_lib.ControllerState(
       queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
-  return RunState(server, controller)
+  clients = None
+  if like is not None and like.clients is not None:
+    clients = client_store_lib.ClientStore(server.residuals, server.client_controls,
+                                           like.clients.swept, like.clients.lazy_basis)
+    clients.start(int(np.max(np.asarray(tree["round"]))))
+    server = server._replace(residuals=like.server.residuals,
+                             client_controls=like.server.client_controls)
+  return RunState(server, controller, clients)
 
 
 def legacy_controller(host: dict, members: int) -> dict:

@@ -1,0 +1,189 @@
+"""Per-client state in host memory, so that device memory grows with K, not with N.
+
+Error-feedback residuals (ALGORITHM.md 2.4) and SCAFFOLD's client controls exist for all N
+clients, but a round reads and writes only the K it samples. With `fl.client_store = "host"`
+they live here as NumPy arrays [N, ...] (one store per sweep member). Before each round the
+runner hands the round the sampled clients' rows ([K, ...] in sampling order, the round's
+`host_store` layout) and afterwards writes the round's new rows back. The device holds K rows.
+
+Re-orthogonalization (ALGORITHM.md 2.1) moves every stored residual into the new basis each
+round: X_A -> H X_A, X_B -> X_B H^-1. On the device that is one einsum over all N rows. Here it
+is lazy. The store keeps each round's bases and, per client, the round its row is expressed in
+(`epoch`). A row is brought up to date only when it is next handed out or checkpointed, by the
+composed map of the rounds it missed: X_A -> (H_{t-1} ... H_e) X_A and
+X_B -> X_B (H_e^-1 ... H_{t-1}^-1). Those products are formed in float64 from the float32 bases,
+so a lazy row equals the eagerly moved one up to float32 rounding, not bit for bit. A client
+never written holds zeros, which every basis maps to zeros: it needs no epoch.
+
+Bases are kept from the oldest epoch any stored row still needs. That is at most one [r, r]
+pair per layer and round (6 KB a round for 12 rank-8 layers), whatever N is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from softjax.models.lora import factor_pairs
+
+PyTree = Any
+NEVER = -1  # epoch of a row that was never written (all zeros)
+
+
+class MemberStore:
+  """One run's (one sweep member's) per-client state of all N clients, on the host."""
+
+  def __init__(self, residuals: PyTree, client_controls: PyTree, lazy_basis: bool):
+    """`residuals` and `client_controls`: trees of [N, ...] arrays (or {} / () when off),
+    copied to NumPy; `lazy_basis`: residuals follow the re-orthogonalization's bases."""
+    self.residuals = jax.tree.map(np.array, residuals)
+    self.client_controls = jax.tree.map(np.array, client_controls)
+    leaves = jax.tree.leaves((self.residuals, self.client_controls))
+    self.num_clients = leaves[0].shape[0] if leaves else 0
+    self.lazy_basis = lazy_basis and bool(jax.tree.leaves(self.residuals))
+    # A restored or given store may hold non-zero rows: they are current as of `current`.
+    self.epoch = np.full((self.num_clients,), NEVER, np.int64)
+    self.current = 0  # the round whose basis the global factors are in
+    self.bases: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # round -> [(H, H^-1)]
+    if self.lazy_basis:
+      written = np.zeros((self.num_clients,), bool)
+      for leaf in jax.tree.leaves(self.residuals):
+        written |= np.any(leaf.reshape(self.num_clients, -1) != 0, axis=1)
+      self.epoch[written] = 0
+
+  def start(self, round_index: int) -> None:
+    """Sets the round the stored rows are expressed in (0 for a new run; the checkpoint's round
+    after a restore, whose rows were saved up to date)."""
+    self.epoch[self.epoch != NEVER] = round_index
+    self.current = round_index
+
+  def gather(self, ids: np.ndarray) -> tuple[PyTree, PyTree]:
+    """(residuals, client controls) of clients `ids` [K], rows in that order, in the current
+    basis. Copies: the store is not changed."""
+    ids = np.asarray(ids)
+    residuals = jax.tree.map(lambda leaf: leaf[ids], self.residuals)
+    if self.lazy_basis:
+      self._move(residuals, self.epoch[ids])
+    controls = jax.tree.map(lambda leaf: leaf[ids], self.client_controls)
+    return residuals, controls
+
+  def scatter(self, ids: np.ndarray, residuals: PyTree, client_controls: PyTree,
+              bases: list | tuple = ()) -> None:
+    """Writes back the round's rows of clients `ids` [K] (already in the new basis) and ends
+    the round: records its change of basis, `bases` [(H, H^-1)] per layer (() if none)."""
+    ids = np.asarray(ids)
+    for store, new in ((self.residuals, residuals), (self.client_controls, client_controls)):
+      jax.tree.map(lambda leaf, rows: leaf.__setitem__(ids, np.asarray(rows)), store, new)
+    if self.lazy_basis:
+      self.bases[self.current] = [(np.asarray(h, np.float64), np.asarray(h_inv, np.float64))
+                                  for h, h_inv in bases]
+      self.epoch[ids] = self.current + 1
+    self.current += 1
+    self._forget_unneeded_bases()
+
+  def materialized(self) -> tuple[PyTree, PyTree]:
+    """Every row brought up to the current basis, in place ([N, ...] trees, for a
+    checkpoint); afterwards no basis is needed."""
+    if self.lazy_basis:
+      stale = np.flatnonzero((self.epoch != NEVER) & (self.epoch < self.current))
+      if stale.size:
+        rows = jax.tree.map(lambda leaf: leaf[stale], self.residuals)
+        self._move(rows, self.epoch[stale])
+        jax.tree.map(lambda leaf, r: leaf.__setitem__(stale, r), self.residuals, rows)
+        self.epoch[stale] = self.current
+      self._forget_unneeded_bases()
+    return self.residuals, self.client_controls
+
+  def nbytes(self) -> int:
+    """Host bytes held: the rows and the kept bases."""
+    rows = sum(x.nbytes for x in jax.tree.leaves((self.residuals, self.client_controls)))
+    return rows + sum(h.nbytes + g.nbytes for layers in self.bases.values() for h, g in layers)
+
+  def _move(self, residuals: PyTree, epochs: np.ndarray) -> None:
+    """Moves rows (in place) from the basis of round `epochs[j]` into the current one."""
+    pairs, _ = factor_pairs(residuals)
+    for epoch in np.unique(epochs):
+      if epoch == NEVER or epoch == self.current:
+        continue
+      sel = np.flatnonzero(epochs == epoch)
+      for layer, pair in enumerate(pairs):
+        h, h_inv = self._composed(int(epoch), layer)
+        a, b = pair["A"], pair["B"]
+        a[sel] = np.einsum("rs,ksd->krd", h, a[sel]).astype(a.dtype)
+        b[sel] = np.einsum("kor,rs->kos", b[sel], h_inv).astype(b.dtype)
+
+  def _composed(self, epoch: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H_{t-1} ... H_epoch, H_epoch^-1 ... H_{t-1}^-1) of one layer, t the current round."""
+    h, h_inv = self.bases[epoch][layer]
+    for t in range(epoch + 1, self.current):
+      step, step_inv = self.bases[t][layer]
+      h, h_inv = step @ h, h_inv @ step_inv
+    return h, h_inv
+
+  def _forget_unneeded_bases(self) -> None:
+    live = self.epoch[self.epoch != NEVER]
+    oldest = int(live.min()) if live.size else self.current
+    for t in [t for t in self.bases if t < oldest]:
+      del self.bases[t]
+
+
+class ClientStore:
+  """The host store of a run: one MemberStore per sweep member (`swept`: the trees carry a
+  leading [S] axis, as the round's state does)."""
+
+  def __init__(self, residuals: PyTree, client_controls: PyTree, swept: bool,
+               lazy_basis: bool):
+    self.swept, self.lazy_basis = swept, lazy_basis
+    if swept:
+      leaves = jax.tree.leaves((residuals, client_controls))
+      count = leaves[0].shape[0] if leaves else 0
+      pick = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+      self.members = [MemberStore(pick(residuals, i), pick(client_controls, i), lazy_basis)
+                      for i in range(count)]
+    else:
+      self.members = [MemberStore(residuals, client_controls, lazy_basis)]
+
+  @classmethod
+  def zeros(cls, residuals: PyTree, client_controls: PyTree, num_clients: int, swept: bool,
+            lazy_basis: bool) -> "ClientStore":
+    """A store of `num_clients` zero rows shaped like the rows of `residuals` and
+    `client_controls` (the round's [K, ...] fields, [S, K, ...] for a sweep)."""
+    axis = 1 if swept else 0
+    zeros = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: np.zeros(x.shape[:axis] + (num_clients,) + x.shape[axis + 1:], x.dtype), tree)
+    return cls(zeros(residuals), zeros(client_controls), swept, lazy_basis)
+
+  def start(self, round_index: int) -> None:
+    for member in self.members:
+      member.start(round_index)
+
+  def gather(self, ids: list[np.ndarray]) -> tuple[PyTree, PyTree]:
+    """The rows of each member's sampled clients (`ids`: one [K] array per member), stacked
+    over members for a sweep."""
+    parts = [m.gather(i) for m, i in zip(self.members, ids)]
+    return self._stacked(parts)
+
+  def scatter(self, ids: list[np.ndarray], residuals: PyTree, client_controls: PyTree,
+              bases: PyTree = ()) -> None:
+    """Writes the round's new rows (device or host arrays, [S] leading for a sweep) back."""
+    residuals, client_controls, bases = jax.tree.map(np.asarray,
+                                                     (residuals, client_controls, bases))
+    for i, (member, member_ids) in enumerate(zip(self.members, ids)):
+      pick = (lambda tree: jax.tree.map(lambda x: x[i], tree)) if self.swept else (
+          lambda tree: tree)
+      layers = [(b.H, b.H_inv) for b in pick(bases)] if bases else ()
+      member.scatter(member_ids, pick(residuals), pick(client_controls), layers)
+
+  def materialized(self) -> tuple[PyTree, PyTree]:
+    """All N rows of every member in the current basis ([S, N, ...] for a sweep)."""
+    return self._stacked([m.materialized() for m in self.members])
+
+  def nbytes(self) -> int:
+    return sum(m.nbytes() for m in self.members)
+
+  def _stacked(self, parts: list[tuple[PyTree, PyTree]]) -> tuple[PyTree, PyTree]:
+    if not self.swept:
+      return parts[0]
+    return jax.tree.map(lambda *xs: np.stack(xs), *parts)
