@@ -13,6 +13,11 @@ Every figure is measured side by side in one run on one machine and reported as 
   compile      first call (trace + compile + run) vs a steady-state round.
   host         per-round host time (sampling, channel, TSFA solve, metrics rows) as a share of
                the round, from a real `experiment.run` with the OSFA controller.
+  clients      device bytes, host bytes and round time against N and K, per-client state on
+               the device vs on the host (experiments/store_benchmark.py).
+
+Every record names the machine: CPU model and the flags that matter to XLA and torch (AVX-512,
+AMX), core count, XLA_FLAGS, and the JAX, jaxlib and torch versions.
 
   python -m experiments.benchmark --out=results/bench                  # CPU scale, all sections
   python -m experiments.benchmark --scale=gpu --out=results/bench_gpu  # ViT-B/16 on a GPU
@@ -38,13 +43,14 @@ from experiments import common
 
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.json and benchmark.md.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
-_SECTIONS = flags.DEFINE_list("sections", "torch,parallelism,mesh,flops,compile,host",
+_SECTIONS = flags.DEFINE_list("sections", "torch,parallelism,mesh,flops,compile,host,clients",
                               "Which measurements to run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Timed rounds per arm; 0 = the scale's default.")
 _DEVICES = flags.DEFINE_list("devices", "2,4", "Mesh sizes for the mesh section.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one section in this subprocess.")
 
-SECTIONS = ("torch", "parallelism", "mesh", "flops", "compile", "host")
+SECTIONS = ("torch", "parallelism", "mesh", "flops", "compile", "host", "clients")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +330,7 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
   record = {"scale": dataclasses.asdict(scale), "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), **machine()}
   if "torch" in sections:
     record["torch"] = section_torch(scale)
   base = record.get("torch", {}).get("softjax")
@@ -341,7 +347,35 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
     record["compile"] = section_compile(base)
   if "host" in sections:
     record["host"] = section_host(scale)
+  if "clients" in sections:
+    from experiments import store_benchmark
+    record["clients"] = store_benchmark.section_clients(_model, scale, scale_name, scale.rounds)
   return _jsonable(record)
+
+
+def machine() -> dict:
+  """The CPU model and its flags that matter here, XLA_FLAGS and the library versions."""
+  import jaxlib
+
+  model, flags_seen = "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+          model = value.strip()
+        elif key.strip() == "flags" and not flags_seen:
+          flags_seen = set(value.split())
+  except OSError:  # not Linux: the model stays unknown
+    pass
+  try:
+    import torch
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = None
+  return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib_version": jaxlib.__version__,
+          "torch_version": torch_version}
 
 
 def _jsonable(obj):
@@ -355,10 +389,14 @@ def _jsonable(obj):
 def markdown(record: dict) -> str:
   """The tables of docs/benchmarks.md from one record."""
   s = record["scale"]
+  seen = ", ".join(record["cpu_flags"]) or "none"
   lines = [f"Scale `{s['variant']}` {s['image_size']}x{s['image_size']}x{s['channels']}, rank "
            f"{s['rank']} on query/value, K = {s['clients']}, E = {s['local_steps']}, b = "
            f"{s['batch_size']}; backend {record['backend']} ({record['device']}), "
-           f"{record['cpu_count']} CPU cores, JAX {record['jax_version']}, {record['date']}.", ""]
+           f"{record['cpu_count']} CPU cores, JAX {record['jax_version']}, {record['date']}.",
+           "", f"Machine: {record['cpu_model']} (flags: {seen} of {', '.join(CPU_FLAGS)}), "
+           f"jaxlib {record['jaxlib_version']}, torch {record['torch_version']}, XLA_FLAGS "
+           f"'{record['xla_flags']}'.", ""]
   if "torch" in record:
     t = record["torch"]
     lines += ["| round | seconds |", "|---|---:|",
@@ -405,6 +443,9 @@ def markdown(record: dict) -> str:
               f"{100 * h['host_share']:.1f} % |",
               f"| of which the P3 solve | {h['solver_s']:.4f} | "
               f"{100 * h['solver_share']:.1f} % |", ""]
+  if "clients" in record:
+    from experiments import store_benchmark
+    lines += store_benchmark.markdown(record["clients"])
   return "\n".join(lines)
 
 

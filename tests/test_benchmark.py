@@ -38,5 +38,15 @@ def test_benchmark_measures_every_section(tmp_path):
   host = record["host"]
   assert host["rounds_timed"] == 2 and 0 < host["host_share"] < 1
   assert host["solver_s"] <= host["host_s"] <= host["round_s"]
+  clients = record["clients"]
+  arms = {(a["num_clients"], a["store"]): a for a in clients["arms"]}
+  assert set(arms) == {(12, "device"), (12, "host"), (24, "device"), (24, "host")}
+  growth = clients["device_growth_smallest_to_largest_n"]
+  # Twice the clients: the device store holds twice the residuals, the host store none of them.
+  assert abs(growth["host_k3"]) < 0.1 < growth["device_k3"]
+  assert arms[24, "host"]["host_store_bytes"] > arms[12, "host"]["host_store_bytes"] > 0
+  assert arms[12, "device"]["host_store_bytes"] == 0
+  assert record["cpu_model"] and "jaxlib_version" in record
   table = open(os.path.join(out, "benchmark.md")).read()
   assert "PyTorch / softjax" in table and "utilization" in table and "client_parallelism" in table
+  assert "| 3 | 24 | host |" in table and "Machine:" in table
