@@ -15,6 +15,10 @@ Every figure is measured side by side in one run on one machine and reported as 
                the round, from a real `experiment.run` with the OSFA controller.
   clients      device bytes, host bytes and round time against N and K, per-client state on
                the device vs on the host (experiments/store_benchmark.py).
+  accelerator  (not in the default list) the GPU check: vmapped vs sequential vs Python-loop
+               clients, a 16-member sweep vs 16 runs, torch on CUDA, peak memory, FLOP
+               utilization (experiments/accelerator_benchmark.py):
+               python -m experiments.benchmark --scale=gpu --sections=accelerator --out=DIR
 
 Every record names the machine: CPU model and the flags that matter to XLA and torch (AVX-512,
 AMX), core count, XLA_FLAGS, and the JAX, jaxlib and torch versions.
@@ -31,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,15 @@ import time
 from absl import flags
 
 from experiments import common
+from experiments.round_timing import (
+  SCALES,
+  Scale,
+  best_parallelism,
+  median,
+  section_flops,
+  section_torch,
+  time_jax_round,
+)
 
 _OUT = flags.DEFINE_string("out", None, "Directory for benchmark.json and benchmark.md.")
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
@@ -49,184 +61,12 @@ _ROUNDS = flags.DEFINE_integer("rounds", 0, "Timed rounds per arm; 0 = the scale
 _DEVICES = flags.DEFINE_list("devices", "2,4", "Mesh sizes for the mesh section.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one section in this subprocess.")
 
-SECTIONS = ("torch", "parallelism", "mesh", "flops", "compile", "host", "clients")
+SECTIONS = ("torch", "parallelism", "mesh", "flops", "compile", "host", "clients", "accelerator")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-  """One problem size: the model, the clients and their local training."""
-  variant: str
-  image_size: int
-  channels: int
-  num_classes: int
-  rank: int
-  alpha: float
-  clients: int  # K sampled per round
-  local_steps: int  # E
-  batch_size: int  # b
-  examples_per_client: int
-  rounds: int  # timed rounds per arm
-  matmul: int  # side of the square matmul that measures the machine's FLOP/s
-  host_config: str  # launcher spec of the host-overhead run (OSFA, SOFT)
-
-
-SCALES = {
-    "test": Scale("tiny", 8, 1, 10, 4, 8.0, 3, 2, 4, 24, 2, 256,
-                  "configs/tsfa.py:controller=osfa,scale=test,rounds=3"),
-    # The quickstart's round: cpu_small ViT on 28x28 Fashion-MNIST, rank 8 on q/v, K = 5,
-    # E = 5, b = 32, 1500 examples a client (half of the 60k over 20 clients).
-    "cpu": Scale("cpu_small", 28, 1, 10, 8, 32.0, 5, 5, 32, 1500, 5, 2048,
-                 "configs/tsfa.py:controller=osfa,scale=cpu,rounds=12"),
-    # The paper's round: ViT-B/16 at 224x224, K = 10 (all vmapped), E = 5, b = 32.
-    "gpu": Scale("B/16", 224, 3, 100, 8, 16.0, 10, 5, 32, 500, 5, 8192,
-                 "configs/tsfa.py:controller=osfa,scale=cpu,rounds=12"),
-}
-
-
-def _median(xs):
-  return float(statistics.median(xs))
-
-
-# ---------------------------------------------------------------------------------------------
-# The softjax round on synthetic data (random backbone: timing only).
-
-
-def _model(scale: Scale, seed: int):
-  """(ViT config, frozen params, head, LoRA factors, apply_fn) of the benchmark's model."""
-  import jax
-
-  from softjax.models import apply as apply_lib
-  from softjax.models import lora as lora_lib
-  from softjax.models import vit
-
-  vit_config = vit.make_vit_config(scale.variant, image_size=scale.image_size,
-                                   channels=scale.channels, num_classes=scale.num_classes)
-  model = vit.VisionTransformer(vit_config, vit.LoRAConfig(rank=scale.rank, alpha=scale.alpha,
-                                                           targets=("query", "value")))
-  shape = (scale.image_size, scale.image_size, scale.channels)
-  params = lora_lib.init_params(model, jax.random.key(seed), shape)
-  frozen, head = lora_lib.split_head(params)
-  lora = lora_lib.init_lora(model, jax.random.key(seed + 1), shape)
-  return vit_config, frozen, head, lora, apply_lib.make_apply_fn(model)
-
-
-def make_jax_round(scale: Scale, parallelism: int, mesh_devices: int = 1, seed: int = 0):
-  """(jitted round with the state donated, args builder, FLOPs per round, XLA step FLOPs)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from softjax.federated import client as client_lib
-  from softjax.federated import placement
-  from softjax.federated import round as round_lib
-  from softjax.federated import types as fl_types
-  from softjax.models import apply as apply_lib
-  from softjax.models import lora as lora_lib
-  from softjax.run import setup as setup_lib
-
-  vit_config, frozen, head, lora, apply_fn = _model(scale, seed)
-  shape = (scale.image_size, scale.image_size, scale.channels)
-  rng = np.random.default_rng(seed)
-  n, k = scale.examples_per_client, scale.clients
-  images = rng.integers(0, 256, (k * n,) + shape, dtype=np.uint8)
-  labels = rng.integers(0, scale.num_classes, k * n).astype(np.int32)
-  clients = [np.arange(i * n, (i + 1) * n) for i in range(k)]
-  mesh = placement.make_mesh(mesh_devices, placement.CLIENTS)
-  data = setup_lib.federated_data(images, labels, clients, mesh, shard=False)
-  frozen = setup_lib.to_devices(frozen, mesh)
-  state = fl_types.init_state(lora, head, num_clients=k, error_feedback=False)
-  phases = round_lib.make_phases(apply_fn, optimizer="sgd", local_steps=scale.local_steps,
-                                 batch_size=scale.batch_size, client_parallelism=parallelism)
-  step = jax.jit(placement.place_round(phases, mesh), donate_argnums=0,
-                 out_shardings=None if mesh is None else placement.round_out_shardings(state, mesh))
-  ids = jnp.arange(k, dtype=jnp.int32)
-  hparams = fl_types.make_hparams(0.03)
-  key = jax.random.key(seed)
-
-  def fresh_state():
-    return (jax.device_put(state) if mesh is None
-            else placement.place_state(state, mesh, stacked=False))
-
-  layer_dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(lora)]
-  per_example = apply_lib.model_flops_per_example(vit_config, scale.rank, layer_dims)
-  round_flops = per_example * k * scale.local_steps * scale.batch_size
-
-  def xla_step_flops():
-    """XLA's FLOP count of one local step (value_and_grad on one batch), x K x E."""
-    trainable = fl_types.Trainable(lora=lora, head=head)
-    x = jnp.zeros((scale.batch_size,) + shape, jnp.float32)
-    y = jnp.zeros((scale.batch_size,), jnp.int32)
-    grad = jax.jit(jax.value_and_grad(
-        lambda t: client_lib.cross_entropy(apply_fn(frozen, t, x), y)))
-    cost = grad.lower(trainable).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) * k * scale.local_steps
-
-  def call(s):
-    return step(s, frozen, data, ids, key, hparams)
-
-  return call, fresh_state, round_flops, xla_step_flops
-
-
-def time_jax_round(scale: Scale, parallelism: int = 1, rounds: int | None = None,
-                   mesh_devices: int = 1) -> dict:
-  """First call (compile + run) and the median steady-state round, in seconds."""
-  import jax
-
-  rounds = rounds or scale.rounds
-  call, fresh_state, round_flops, xla_step_flops = make_jax_round(scale, parallelism,
-                                                                  mesh_devices)
-  state = fresh_state()
-  start = time.perf_counter()
-  state, metrics = call(state)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    state, metrics = call(state)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return {"first_call_s": first, "round_s": _median(times), "round_s_all": times,
-          "round_flops": round_flops, "xla_step_flops_x_KE": xla_step_flops,
-          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "parallelism": parallelism, "mesh_devices": mesh_devices}
 
 
 # ---------------------------------------------------------------------------------------------
 # Sections.
-
-
-def _best_parallelism(scale: Scale) -> int:
-  """What fl.client_parallelism = 0 picks on this backend."""
-  import jax
-
-  from softjax.federated import schedule
-
-  return schedule.default_parallelism(jax.default_backend(), scale.clients)
-
-
-def section_torch(scale: Scale) -> dict:
-  """The PyTorch arm runs in a subprocess: torch's OpenMP threads keep spinning after a run and
-  slowed the JAX rounds measured after it in the same process by about 10 %."""
-  jax_record = time_jax_round(scale, parallelism=_best_parallelism(scale))
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "torch.json")
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.torch_reference", f"--variant={scale.variant}",
-         f"--image_size={scale.image_size}", f"--channels={scale.channels}",
-         f"--num_classes={scale.num_classes}", f"--rank={scale.rank}", f"--alpha={scale.alpha}",
-         f"--clients={scale.clients}", f"--local_steps={scale.local_steps}",
-         f"--batch_size={scale.batch_size}", f"--examples_per_client={scale.examples_per_client}",
-         f"--rounds={scale.rounds}", "--warmup=1", f"--out={out}"],
-        capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-      raise RuntimeError(f"PyTorch benchmark subprocess failed:\n{done.stderr[-3000:]}")
-    with open(out) as f:
-      torch_record = json.load(f)
-  return {"softjax": jax_record, "torch": torch_record,
-          "torch_over_softjax": torch_record["round_s"] / jax_record["round_s"]}
 
 
 def section_parallelism(scale: Scale) -> dict:
@@ -267,28 +107,6 @@ def _mesh_records(scale: Scale, devices: list[int]) -> dict:
   return {"unsharded": base, "sharded": runs, "fake_devices": jax.default_backend() == "cpu"}
 
 
-def section_flops(scale: Scale, jax_record: dict) -> dict:
-  import jax
-  import jax.numpy as jnp
-
-  record = jax_record
-  n = scale.matmul
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(matmul(a, a))
-  times = []
-  for _ in range(5):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a, a))
-    times.append(time.perf_counter() - start)
-  matmul_flops_s = 2 * n ** 3 / _median(times)
-  round_flops_s = record["round_flops"] / record["round_s"]
-  return {"round_flops": record["round_flops"], "xla_step_flops_x_KE":
-          record["xla_step_flops_x_KE"](), "round_s": record["round_s"],
-          "round_flops_per_s": round_flops_s, "matmul_side": n,
-          "matmul_flops_per_s": matmul_flops_s, "utilization": round_flops_s / matmul_flops_s}
-
-
 def section_compile(record: dict) -> dict:
   return {"first_call_s": record["first_call_s"], "round_s": record["round_s"],
           "compile_over_round": (record["first_call_s"] - record["round_s"]) / record["round_s"]}
@@ -309,10 +127,10 @@ def section_host(scale: Scale) -> dict:
   host = [r["host_time_s"] for r in rows]
   solver = [r["solver_time_s"] for r in rows]
   total = [r["round_time_s"] for r in rows]
-  return {"config": scale.host_config, "rounds_timed": len(rows), "host_s": _median(host),
-          "solver_s": _median(solver), "round_s": _median(total),
-          "host_share": _median([h / t for h, t in zip(host, total)]),
-          "solver_share": _median([s / t for s, t in zip(solver, total)])}
+  return {"config": scale.host_config, "rounds_timed": len(rows), "host_s": median(host),
+          "solver_s": median(solver), "round_s": median(total),
+          "host_share": median([h / t for h, t in zip(host, total)]),
+          "solver_share": median([s / t for s, t in zip(solver, total)])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +158,7 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
   if "mesh" in sections:
     record["mesh"] = section_mesh(scale, devices)
   if base is None and ({"flops", "compile"} & set(sections)):
-    base = time_jax_round(scale, parallelism=_best_parallelism(scale))
+    base = time_jax_round(scale, parallelism=best_parallelism(scale))
   if "flops" in sections:
     record["flops"] = section_flops(scale, base)
   if "compile" in sections:
@@ -349,7 +167,11 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
     record["host"] = section_host(scale)
   if "clients" in sections:
     from experiments import store_benchmark
-    record["clients"] = store_benchmark.section_clients(_model, scale, scale_name, scale.rounds)
+    record["clients"] = store_benchmark.section_clients(scale, scale_name, scale.rounds)
+  if "accelerator" in sections:
+    from experiments import accelerator_benchmark
+    record["accelerator"] = accelerator_benchmark.section_accelerator(scale, scale_name,
+                                                                      scale.rounds)
   return _jsonable(record)
 
 
@@ -390,11 +212,12 @@ def markdown(record: dict) -> str:
   """The tables of docs/benchmarks.md from one record."""
   s = record["scale"]
   seen = ", ".join(record["cpu_flags"]) or "none"
+  missing = ", ".join(f for f in CPU_FLAGS if f not in record["cpu_flags"]) or "none"
   lines = [f"Scale `{s['variant']}` {s['image_size']}x{s['image_size']}x{s['channels']}, rank "
            f"{s['rank']} on query/value, K = {s['clients']}, E = {s['local_steps']}, b = "
            f"{s['batch_size']}; backend {record['backend']} ({record['device']}), "
            f"{record['cpu_count']} CPU cores, JAX {record['jax_version']}, {record['date']}.",
-           "", f"Machine: {record['cpu_model']} (flags: {seen} of {', '.join(CPU_FLAGS)}), "
+           "", f"Machine: {record['cpu_model']} (has {seen}; lacks {missing}), "
            f"jaxlib {record['jaxlib_version']}, torch {record['torch_version']}, XLA_FLAGS "
            f"'{record['xla_flags']}'.", ""]
   if "torch" in record:
@@ -446,6 +269,9 @@ def markdown(record: dict) -> str:
   if "clients" in record:
     from experiments import store_benchmark
     lines += store_benchmark.markdown(record["clients"])
+  if "accelerator" in record:
+    from experiments import accelerator_benchmark
+    lines += accelerator_benchmark.markdown(record["accelerator"])
   return "\n".join(lines)
 
 

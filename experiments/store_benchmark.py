@@ -46,12 +46,13 @@ def _rss_bytes() -> int:
   return 0
 
 
-def measure_arm(model, scale, num_clients: int, k: int, store: str, examples: int,
-                rounds: int, seed: int = 0) -> dict:
-  """One (N, K, store) arm; `model(scale, seed)` gives (vit config, frozen, head, lora, apply)."""
+def measure_arm(scale, num_clients: int, k: int, store: str, examples: int, rounds: int,
+                seed: int = 0) -> dict:
+  """One (N, K, store) arm of the benchmark's model (round_timing.model) at `scale`."""
   import jax
   import numpy as np
 
+  from experiments.round_timing import model
   from softjax.federated import client_store, schedule
   from softjax.federated import round as round_lib
   from softjax.federated import types as fl_types
@@ -100,10 +101,10 @@ def measure_arm(model, scale, num_clients: int, k: int, store: str, examples: in
   return record
 
 
-def section_clients(model, scale, scale_name: str, rounds: int) -> dict:
+def section_clients(scale, scale_name: str, rounds: int) -> dict:
   """Every (K, N, store) arm of the scale's grid (K <= N), and device bytes' growth in N."""
   ns, ks, examples = GRID[scale_name]
-  arms = [measure_arm(model, scale, n, k, store, examples, rounds)
+  arms = [measure_arm(scale, n, k, store, examples, rounds)
           for k in ks for n in ns if k <= n for store in STORES]
   growth = {}
   for k in ks:

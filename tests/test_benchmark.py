@@ -50,3 +50,24 @@ def test_benchmark_measures_every_section(tmp_path):
   table = open(os.path.join(out, "benchmark.md")).read()
   assert "PyTorch / softjax" in table and "utilization" in table and "client_parallelism" in table
   assert "| 3 | 24 | host |" in table and "Machine:" in table
+
+
+@pytest.mark.slow
+def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
+  out = str(tmp_path / "accel")
+  done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
+                         "--rounds=1", "--sections=accelerator", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  accel = json.load(open(os.path.join(out, "benchmark.json")))["accelerator"]
+  clients = accel["clients"]
+  assert clients["vmapped"]["parallelism"] == 3 and clients["sequential"]["parallelism"] == 1
+  assert clients["loop_over_vmapped"] == pytest.approx(
+      clients["python_loop"]["round_s"] / clients["vmapped"]["round_s"])
+  sweep = accel["sweep"]
+  assert sweep["members"] == 2 and sweep["sweep"]["members"] == 2
+  # Two members are twice one run's training FLOPs.
+  assert sweep["sweep"]["round_flops"] == 2 * sweep["one_run"]["round_flops"]
+  assert accel["torch"]["torch"]["round_s"] > 0 and 0 < accel["flops"]["utilization"] < 1.5
+  table = open(os.path.join(out, "benchmark.md")).read()
+  assert "Python loop of jitted clients" in table and "separate / sweep" in table
