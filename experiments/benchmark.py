@@ -44,10 +44,12 @@ from absl import flags
 
 from experiments import common
 from experiments.round_timing import (
+  CPU_FLAGS,
   SCALES,
   Scale,
   best_parallelism,
   median,
+  machine,
   section_flops,
   section_torch,
   time_jax_round,
@@ -62,7 +64,6 @@ _DEVICES = flags.DEFINE_list("devices", "2,4", "Mesh sizes for the mesh section.
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one section in this subprocess.")
 
 SECTIONS = ("torch", "parallelism", "mesh", "flops", "compile", "host", "clients", "accelerator")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,31 +174,6 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
     record["accelerator"] = accelerator_benchmark.section_accelerator(scale, scale_name,
                                                                       scale.rounds)
   return _jsonable(record)
-
-
-def machine() -> dict:
-  """The CPU model and its flags that matter here, XLA_FLAGS and the library versions."""
-  import jaxlib
-
-  model, flags_seen = "unknown", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-          model = value.strip()
-        elif key.strip() == "flags" and not flags_seen:
-          flags_seen = set(value.split())
-  except OSError:  # not Linux: the model stays unknown
-    pass
-  try:
-    import torch
-    torch_version = torch.__version__
-  except ImportError:
-    torch_version = None
-  return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib_version": jaxlib.__version__,
-          "torch_version": torch_version}
 
 
 def _jsonable(obj):

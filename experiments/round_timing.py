@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
@@ -229,3 +231,27 @@ def section_flops(scale: Scale, jax_record: dict) -> dict:
           "round_flops_per_s": round_flops_s, "matmul_side": n,
           "matmul_flops_per_s": matmul_flops_s, "utilization": round_flops_s / matmul_flops_s}
 
+
+def machine() -> dict:
+  """The CPU model and its flags that matter here, XLA_FLAGS and the library versions."""
+  import jaxlib
+
+  model, flags_seen = "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+          model = value.strip()
+        elif key.strip() == "flags" and not flags_seen:
+          flags_seen = set(value.split())
+  except OSError:  # not Linux: the model stays unknown
+    pass
+  try:
+    import torch
+    torch_version = torch.__version__
+  except ImportError:
+    torch_version = None
+  return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib_version": jaxlib.__version__,
+          "torch_version": torch_version}

@@ -71,3 +71,18 @@ def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
   assert accel["torch"]["torch"]["round_s"] > 0 and 0 < accel["flops"]["utilization"] < 1.5
   table = open(os.path.join(out, "benchmark.md")).read()
   assert "Python loop of jitted clients" in table and "separate / sweep" in table
+
+
+@pytest.mark.slow
+def test_cpu_levers_times_every_arm_in_its_own_process(tmp_path):
+  out = str(tmp_path / "levers.json")
+  done = subprocess.run([sys.executable, "-m", "experiments.cpu_levers", "--scale=test",
+                         "--passes=1", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  arms = json.load(open(out))["arms"]
+  from experiments import cpu_levers
+  assert set(arms) == set(cpu_levers.ARMS)
+  assert arms["default"]["speedup_vs_default"] == 1.0
+  assert arms["onednn"]["xla_flags"] == "--xla_cpu_use_onednn=true"
+  assert all(a["round_s"] > 0 and len(a["pass_medians"]) == 1 for a in arms.values())
