@@ -18,27 +18,17 @@ import sys
 
 from absl import flags
 
-from experiments import common
+from experiments import common, round_timing
 
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
 _PASSES = flags.DEFINE_integer("passes", 2, "Times each arm runs, interleaved with the others.")
 _OUT = flags.DEFINE_string("out", None, "Write the record as JSON here.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: time one arm (its parallelism).")
 
-# name -> (XLA_FLAGS, client_parallelism); the first is the default the others compare with.
-ARMS = {
-    "default": ("", 1),
-    "parallelism_2": ("", 2),
-    "all_clients_vmapped": ("", 0),  # 0: K
-    "legacy_cpu_runtime": ("--xla_cpu_use_thunk_runtime=false", 1),
-    "onednn": ("--xla_cpu_use_onednn=true", 1),
-    "fast_math": ("--xla_cpu_enable_fast_math=true", 1),
-    "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", 1),
-}
+ARMS = round_timing.CPU_LEVERS
 
 
 def _child(parallelism: int) -> None:
-  from experiments import round_timing
   scale = round_timing.SCALES[_SCALE.value]
   record = round_timing.time_jax_round(scale, parallelism=parallelism or scale.clients)
   print(json.dumps({"round_s_all": record["round_s_all"], "first_call_s": record["first_call_s"]}))
@@ -55,8 +45,6 @@ def _time_arm(xla_flags: str, parallelism: int) -> dict:
 
 
 def measure() -> dict:
-  from experiments import round_timing
-
   runs = {name: [] for name in ARMS}
   for _ in range(_PASSES.value):
     for name, (xla_flags, parallelism) in ARMS.items():

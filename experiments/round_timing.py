@@ -17,6 +17,18 @@ import time
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
+# The CPU speed levers experiments/cpu_levers.py times, here (no flags) so that tests can read
+# them: name -> (XLA_FLAGS, client_parallelism); the first is the default the others compare with.
+CPU_LEVERS = {
+    "default": ("", 1),
+    "parallelism_2": ("", 2),
+    "all_clients_vmapped": ("", 0),  # 0: K
+    "legacy_cpu_runtime": ("--xla_cpu_use_thunk_runtime=false", 1),
+    "onednn": ("--xla_cpu_use_onednn=true", 1),
+    "fast_math": ("--xla_cpu_enable_fast_math=true", 1),
+    "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", 1),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Scale:

@@ -81,8 +81,8 @@ def test_cpu_levers_times_every_arm_in_its_own_process(tmp_path):
                         cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   arms = json.load(open(out))["arms"]
-  from experiments import cpu_levers
-  assert set(arms) == set(cpu_levers.ARMS)
+  from experiments import round_timing
+  assert set(arms) == set(round_timing.CPU_LEVERS)
   assert arms["default"]["speedup_vs_default"] == 1.0
   assert arms["onednn"]["xla_flags"] == "--xla_cpu_use_onednn=true"
   assert all(a["round_s"] > 0 and len(a["pass_medians"]) == 1 for a in arms.values())
