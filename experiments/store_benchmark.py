@@ -77,8 +77,8 @@ def measure_arm(scale, num_clients: int, k: int, store: str, examples: int, roun
                                  batch_size=BATCH, client_parallelism=1, sparsifier=sparsifier,
                                  reorthogonalize=True, host_store=host, num_clients=num_clients)
   step = jax.jit(round_lib.assemble(phases), donate_argnums=0)
-  rows = (client_store.ClientStore.zeros(state.residuals, (), num_clients, False, True)
-          if host else None)
+  rows = (client_store.ClientStore.initial(client_store.fields_of(state), num_clients, False,
+                                           True) if host else None)
   if rows is not None:
     rows.start(0)
   hparams, key, times = fl_types.make_hparams(0.03, keep_ratio=0.5), jax.random.key(seed), []
@@ -86,12 +86,11 @@ def measure_arm(scale, num_clients: int, k: int, store: str, examples: int, roun
     start = time.perf_counter()
     ids = schedule.sample_clients(seed, t, num_clients, k)
     if rows is not None:
-      residuals, _ = rows.gather([ids])
-      state = state._replace(residuals=jax.device_put(residuals))
+      state = state._replace(**jax.device_put(rows.gather([ids])))
     state, metrics = step(state, frozen, data, ids, key, hparams)
     metrics = jax.tree.map(np.asarray, metrics)
     if rows is not None:
-      rows.scatter([ids], state.residuals, (), metrics.bases)
+      rows.scatter([ids], client_store.fields_of(state), metrics.bases)
     times.append(time.perf_counter() - start)
   record = {"num_clients": num_clients, "k": k, "store": store,
             "device_bytes": _live_bytes() - before, "device_in_use": _device_in_use(),

@@ -35,13 +35,13 @@ def _random_bases(rng):
 def test_lazy_change_of_basis_equals_moving_every_row_each_round():
   rng = np.random.default_rng(0)
   eager = jax.tree.map(np.copy, _random_residuals(rng))
-  store = client_store.MemberStore(eager, (), lazy_basis=True)
+  store = client_store.MemberStore({"residuals": eager}, lazy_basis=True)
   store.start(0)
   # Round t samples `ids`, writes new rows for them (in the new basis), then every row moves.
   schedule = [[0, 1], [2, 3], [0, 4], [5, 1], [2, 0]]
   for ids in schedule:
     ids = np.asarray(ids)
-    got, _ = store.gather(ids)
+    got = store.gather(ids)["residuals"]
     chex.assert_trees_all_close(got, jax.tree.map(lambda x: x[ids], eager), rtol=1e-4,
                                 atol=1e-5)
     bases = _random_bases(rng)
@@ -50,23 +50,25 @@ def test_lazy_change_of_basis_equals_moving_every_row_each_round():
     jax.tree.map(lambda all_r, r: all_r.__setitem__(ids, r), eager, fresh)
     eager = jax.tree.map(np.asarray, reorth.change_basis(eager, bases))
     moved = jax.tree.map(np.asarray, reorth.change_basis(fresh, bases))
-    store.scatter(ids, moved, (), [(b.H, b.H_inv) for b in bases])
+    store.scatter(ids, {"residuals": moved, "client_controls": (), "client_factors": ()},
+                  [(b.H, b.H_inv) for b in bases])
   # Client 3 was last written in round 2 of 5: its row is four bases behind until materialized.
   assert store.epoch[3] == 2 and store.current == 5
   assert min(store.bases) == 2  # the bases no stored row needs are gone
-  rows, _ = store.materialized()
+  rows = store.materialized()["residuals"]
   chex.assert_trees_all_close(rows, eager, rtol=1e-4, atol=1e-5)
   assert not store.bases and set(store.epoch) == {5}
 
 
 def test_never_written_rows_stay_zero_and_need_no_basis():
   zeros = jax.tree.map(np.zeros_like, _random_residuals(np.random.default_rng(1)))
-  store = client_store.MemberStore(zeros, (), lazy_basis=True)
+  store = client_store.MemberStore({"residuals": zeros}, lazy_basis=True)
   store.start(0)
   bases = _random_bases(np.random.default_rng(2))
   rows = jax.tree.map(lambda x: np.ones_like(x[:1]), zeros)
-  store.scatter(np.array([4]), rows, (), [(b.H, b.H_inv) for b in bases])
-  got, _ = store.gather(np.array([0, 4]))
+  store.scatter(np.array([4]), {"residuals": rows, "client_controls": (),
+                                "client_factors": ()}, [(b.H, b.H_inv) for b in bases])
+  got = store.gather(np.array([0, 4]))["residuals"]
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x[0], got),
                               jax.tree.map(lambda x: np.zeros_like(x[0]), zeros))
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x[1], got),
@@ -74,51 +76,55 @@ def test_never_written_rows_stay_zero_and_need_no_basis():
   assert list(store.epoch) == [-1, -1, -1, -1, 1, -1] and not store.bases
 
 
-def _rounds(host: bool, method: str, reorthogonalize: bool, scaffold: bool, rounds):
+def _rounds(host: bool, method: str, reorthogonalize: bool, scaffold: bool, rounds,
+            rule: str = "fedit"):
   """The final state (per-client stores as all N rows) of a few rounds of one store layout."""
   apply_fn, frozen, plain, data = tiny_setup()
   sparsifier = sparsifiers.make_sparsifier(method)
   state = fl_types.init_state(plain.trainable.lora, plain.trainable.head,
                               num_clients=len(rounds[0]) if host else 4,
-                              error_feedback=sparsifier.error_feedback, scaffold=scaffold)
+                              error_feedback=sparsifier.error_feedback, scaffold=scaffold,
+                              personal_b=rule == "fedsa")
   round_fn = jax.jit(round_lib.make_round(
       apply_fn, optimizer="sgd", local_steps=2, batch_size=4, client_parallelism=1,
       sparsifier=sparsifier, reorthogonalize=reorthogonalize, scaffold=scaffold,
-      host_store=host, num_clients=4))
+      host_store=host, num_clients=4, rule=rule))
   store = None
   if host:
-    store = client_store.ClientStore.zeros(state.residuals, state.client_controls, 4,
-                                           swept=False, lazy_basis=reorthogonalize)
+    store = client_store.ClientStore.initial(client_store.fields_of(state), 4, swept=False,
+                                             lazy_basis=reorthogonalize)
     store.start(0)
   root, hparams = jax.random.key(5), fl_types.make_hparams(0.05, keep_ratio=0.5)
   for ids in rounds:
     ids = np.asarray(ids, np.int32)
     if host:
-      residuals, controls = store.gather([ids])
-      state = state._replace(residuals=residuals, client_controls=controls)
+      state = state._replace(**store.gather([ids]))
     state, metrics = round_fn(state, frozen, data, jnp.asarray(ids), root, hparams)
     if host:
       # The device held K rows, not N.
-      assert jax.tree.leaves(state.residuals or state.client_controls)[0].shape[0] == len(ids)
-      store.scatter([ids], state.residuals, state.client_controls, metrics.bases)
+      assert jax.tree.leaves(client_store.fields_of(state))[0].shape[0] == len(ids)
+      store.scatter([ids], client_store.fields_of(state), metrics.bases)
   if host:
-    residuals, controls = store.materialized()
-    state = state._replace(residuals=residuals, client_controls=controls)
+    state = state._replace(**store.materialized())
   return state
 
 
-@pytest.mark.parametrize("method, reorthogonalize, scaffold", [
-    ("soft", True, False), ("tlora", False, False), ("dense", False, True)])
-def test_host_store_round_equals_the_device_store_round(method, reorthogonalize, scaffold):
+@pytest.mark.parametrize("method, reorthogonalize, scaffold, rule", [
+    ("soft", True, False, "fedit"), ("tlora", False, False, "fedit"),
+    ("dense", False, True, "fedit"), ("dense", False, False, "fedsa")])
+def test_host_store_round_equals_the_device_store_round(method, reorthogonalize, scaffold,
+                                                        rule):
   rounds = [[1, 3], [0, 1], [2, 1], [3, 0]]  # client 1 three times, client 2 once, late
-  device = _rounds(False, method, reorthogonalize, scaffold, rounds)
-  host = _rounds(True, method, reorthogonalize, scaffold, rounds)
+  device = _rounds(False, method, reorthogonalize, scaffold, rounds, rule)
+  host = _rounds(True, method, reorthogonalize, scaffold, rounds, rule)
   chex.assert_trees_all_close(host.trainable, device.trainable, rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(host.residuals, device.residuals, rtol=1e-4, atol=1e-6)
   chex.assert_trees_all_close(host.client_controls, device.client_controls, rtol=1e-4,
                               atol=1e-6)
   chex.assert_trees_all_close(host.control, device.control, rtol=1e-4, atol=1e-6)
-  stored = host.residuals or host.client_controls
+  chex.assert_trees_all_close(host.client_factors, device.client_factors, rtol=1e-4,
+                              atol=1e-6)
+  stored = host.residuals or host.client_controls or host.client_factors
   assert float(np.abs(jax.tree.leaves(stored)[0]).max()) > 0  # the rows really moved
 
 
@@ -127,9 +133,11 @@ def _run(tmp_path, cache_dir, name, rounds, **overrides):
   return experiment.run(make_config(cache_dir, rounds=rounds, **overrides), str(tmp_path / name))
 
 
-def test_a_host_store_run_resumes_and_matches_a_device_store_run(tmp_path, cache_dir):
-  common = {"method.name": "soft", "method.keep_ratio": 0.5, "method.reorthogonalize": True,
-            "checkpoint.every": 2}
+@pytest.mark.parametrize("method", [
+    {"method.name": "soft", "method.keep_ratio": 0.5, "method.reorthogonalize": True},
+    {"method.name": "dense", "method.rule": "fedsa"}], ids=["soft_reorth", "fedsa"])
+def test_a_host_store_run_resumes_and_matches_a_device_store_run(tmp_path, cache_dir, method):
+  common = {**method, "checkpoint.every": 2}
   device = _run(tmp_path, cache_dir, "device", 4, **common)
   host = {**common, "fl.client_store": "host"}
   _run(tmp_path, cache_dir, "host", 2, **host)
@@ -174,7 +182,7 @@ def test_a_host_store_device_state_has_k_rows_whatever_n(cache_dir):
     state = runner_lib.RoundRunner(config, shared, members).initial_state()
     shapes[n] = [x.shape for x in jax.tree.leaves(state.server)]
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state.server))
-    rows = jax.tree.leaves(state.clients.materialized()[0])
+    rows = jax.tree.leaves(state.clients.materialized()["residuals"])
     assert rows[0].shape[0] == n and isinstance(rows[0], np.ndarray)
     assert jax.tree.leaves(state.server.residuals)[0].shape[0] == 3  # K rows
   assert shapes[6] == shapes[12]

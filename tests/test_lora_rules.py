@@ -146,6 +146,9 @@ def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
   apply_fn, frozen, init, data = tiny_setup()
   round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
                                           batch_size=4, client_parallelism=1, rule=rule))
+  if rule == "fedsa":  # every client's own B, all equal to the initial global B
+    init = fl_types.init_state(init.trainable.lora, init.trainable.head, num_clients=4,
+                               error_feedback=False, personal_b=True)
   state = init if state is None else state
   new, metrics = round_fn(state, frozen, data, jnp.array(clients, jnp.int32), jax.random.key(2),
                           fl_types.make_hparams(lr))
@@ -224,6 +227,46 @@ def test_flexlora_round_is_the_truncated_svd_of_the_mean_product():
   assert float(metrics.cov_term) == pytest.approx(dropped, rel=1e-3, abs=1e-6)
 
 
+def test_fedsa_round_keeps_each_clients_b_and_averages_a_over_a_client_loop():
+  from softjax.federated import client as client_lib
+  from softjax.federated import types as fl_types
+  from softjax.models import lora as lora_lib
+
+  first, _, init, (apply_fn, frozen, data) = _round("fedsa")
+  second, metrics, _, _ = _round("fedsa", state=first, clients=(0, 1))
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+                                                batch_size=4))
+  # The reference: each client starts from the shared A and its own B; A and the head are
+  # averaged by data size; B_k stays with client k; the global B is the mean of all four.
+  glob = init.trainable
+  own = {k: lora_lib.b_factors(glob.lora) for k in range(4)}
+  for t, clients in enumerate(((1, 3), (0, 1))):
+    round_key = jax.random.fold_in(jax.random.key(2), t)
+    counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
+    p = counts / counts.sum()
+    locals_ = []
+    for k in clients:
+      start = glob._replace(lora=lora_lib.with_b_factors(glob.lora, own[k]))
+      local, _ = update(start, frozen, data, jnp.int32(k), jax.random.fold_in(round_key, k),
+                        fl_types.make_hparams(0.05))
+      locals_.append(local)
+      own[k] = lora_lib.b_factors(local.lora)
+    averaged = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)), *locals_)
+    mean_b = jax.tree.map(lambda *bs: sum(bs) / 4, *own.values())
+    glob = fl_types.Trainable(lora=lora_lib.with_b_factors(averaged.lora, mean_b),
+                              head=averaged.head)
+  chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
+  for k in range(4):
+    chex.assert_trees_all_close(jax.tree.map(lambda b: b[k], second.client_factors), own[k],
+                                atol=1e-6)
+  assert float(jnp.abs(jax.tree.leaves(own[1])[0] - jax.tree.leaves(own[3])[0]).max()) > 0
+  # B never leaves the client: the upload is A and the head.
+  _, dense, *_ = _round("fedit", clients=(0, 1))
+  b_values = sum(q["B"].size for q in _pairs(init.trainable.lora))
+  chex.assert_trees_all_equal(metrics.client_bits, dense.client_bits - 32 * b_values)
+  assert float(metrics.cov_term) > 0  # personal B: the mean model is not the mean product
+
+
 @pytest.mark.parametrize("overrides, line", [
     ({"method.rule": "ffa", "method.name": "soft", "method.keep_ratio": 0.5},
      "method.rule.*ffa.*method.name=soft.*needs method.name=dense"),
@@ -231,7 +274,9 @@ def test_flexlora_round_is_the_truncated_svd_of_the_mean_product():
      "method.rule.*controller.name=osfa"),
     ({"method.rule": "flexlora", "server.optimizer": "fedadam"},
      "method.rule.*server.optimizer=fedadam"),
-    ({"method.rule": "fedsa"}, "method.rule.*must be one of fedit"),
+    ({"method.rule": "fedsa", "server.optimizer": "fedyogi"},
+     "method.rule.*fedsa.*server.optimizer=fedyogi"),
+    ({"method.rule": "hetlora"}, "method.rule.*must be one of fedit"),
 ])
 def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
   from softjax import config as config_lib
@@ -243,7 +288,7 @@ def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["rolora", "flexlora"])
+@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa"])
 def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
   from softjax.run import experiment
   from tests.support import make_config

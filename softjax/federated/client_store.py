@@ -1,7 +1,7 @@
 """Per-client state in host memory, so that device memory grows with K, not with N.
 
-Error-feedback residuals (ALGORITHM.md 2.4) and SCAFFOLD's client controls exist for all N
-clients, but a round reads and writes only the K it samples. With `fl.client_store = "host"`
+Error-feedback residuals (ALGORITHM.md 2.4), SCAFFOLD's client controls and FedSA-LoRA's
+per-client B exist for all N clients, but a round reads and writes only the K it samples. With `fl.client_store = "host"`
 they live here as NumPy arrays [N, ...] (one store per sweep member). Before each round the
 runner hands the round the sampled clients' rows ([K, ...] in sampling order, the round's
 `host_store` layout) and afterwards writes the round's new rows back. The device holds K rows.
@@ -29,27 +29,34 @@ import numpy as np
 from softjax.models.lora import factor_pairs
 
 PyTree = Any
-NEVER = -1  # epoch of a row that was never written (all zeros)
+NEVER = -1  # epoch of a residual row that was never written (all zeros)
+# The per-client fields of federated.types.ServerState; only the residuals change basis.
+FIELDS = ("residuals", "client_controls", "client_factors")
+
+
+def fields_of(state) -> dict[str, PyTree]:
+  """{field: tree} of a ServerState's per-client fields."""
+  return {name: getattr(state, name) for name in FIELDS}
 
 
 class MemberStore:
   """One run's (one sweep member's) per-client state of all N clients, on the host."""
 
-  def __init__(self, residuals: PyTree, client_controls: PyTree, lazy_basis: bool):
-    """`residuals` and `client_controls`: trees of [N, ...] arrays (or {} / () when off),
-    copied to NumPy; `lazy_basis`: residuals follow the re-orthogonalization's bases."""
-    self.residuals = jax.tree.map(np.array, residuals)
-    self.client_controls = jax.tree.map(np.array, client_controls)
-    leaves = jax.tree.leaves((self.residuals, self.client_controls))
+  def __init__(self, parts: dict[str, PyTree], lazy_basis: bool):
+    """`parts`: {field: tree of [N, ...] arrays} ({} or () where off), copied to NumPy;
+    `lazy_basis`: the residuals follow the re-orthogonalization's bases."""
+    self.parts = {name: jax.tree.map(np.array, parts.get(name, ())) for name in FIELDS}
+    leaves = jax.tree.leaves(self.parts)
     self.num_clients = leaves[0].shape[0] if leaves else 0
-    self.lazy_basis = lazy_basis and bool(jax.tree.leaves(self.residuals))
+    residuals = self.parts["residuals"]
+    self.lazy_basis = lazy_basis and bool(jax.tree.leaves(residuals))
     # A restored or given store may hold non-zero rows: they are current as of `current`.
     self.epoch = np.full((self.num_clients,), NEVER, np.int64)
     self.current = 0  # the round whose basis the global factors are in
     self.bases: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # round -> [(H, H^-1)]
     if self.lazy_basis:
       written = np.zeros((self.num_clients,), bool)
-      for leaf in jax.tree.leaves(self.residuals):
+      for leaf in jax.tree.leaves(residuals):
         written |= np.any(leaf.reshape(self.num_clients, -1) != 0, axis=1)
       self.epoch[written] = 0
 
@@ -59,23 +66,23 @@ class MemberStore:
     self.epoch[self.epoch != NEVER] = round_index
     self.current = round_index
 
-  def gather(self, ids: np.ndarray) -> tuple[PyTree, PyTree]:
-    """(residuals, client controls) of clients `ids` [K], rows in that order, in the current
-    basis. Copies: the store is not changed."""
+  def gather(self, ids: np.ndarray) -> dict[str, PyTree]:
+    """{field: rows of clients `ids` [K], in that order}, residuals in the current basis.
+    Copies: the store is not changed."""
     ids = np.asarray(ids)
-    residuals = jax.tree.map(lambda leaf: leaf[ids], self.residuals)
+    rows = {name: jax.tree.map(lambda leaf: leaf[ids], tree) for name, tree in self.parts.items()}
     if self.lazy_basis:
-      self._move(residuals, self.epoch[ids])
-    controls = jax.tree.map(lambda leaf: leaf[ids], self.client_controls)
-    return residuals, controls
+      self._move(rows["residuals"], self.epoch[ids])
+    return rows
 
-  def scatter(self, ids: np.ndarray, residuals: PyTree, client_controls: PyTree,
+  def scatter(self, ids: np.ndarray, rows: dict[str, PyTree],
               bases: list | tuple = ()) -> None:
-    """Writes back the round's rows of clients `ids` [K] (already in the new basis) and ends
-    the round: records its change of basis, `bases` [(H, H^-1)] per layer (() if none)."""
+    """Writes back the round's rows of clients `ids` [K] ({field: tree}, residuals already in
+    the new basis) and ends the round: records its change of basis, `bases` [(H, H^-1)] per
+    layer (() if none)."""
     ids = np.asarray(ids)
-    for store, new in ((self.residuals, residuals), (self.client_controls, client_controls)):
-      jax.tree.map(lambda leaf, rows: leaf.__setitem__(ids, np.asarray(rows)), store, new)
+    for name, tree in self.parts.items():
+      jax.tree.map(lambda leaf, new: leaf.__setitem__(ids, np.asarray(new)), tree, rows[name])
     if self.lazy_basis:
       self.bases[self.current] = [(np.asarray(h, np.float64), np.asarray(h_inv, np.float64))
                                   for h, h_inv in bases]
@@ -83,22 +90,23 @@ class MemberStore:
     self.current += 1
     self._forget_unneeded_bases()
 
-  def materialized(self) -> tuple[PyTree, PyTree]:
-    """Every row brought up to the current basis, in place ([N, ...] trees, for a
+  def materialized(self) -> dict[str, PyTree]:
+    """Every row brought up to the current basis, in place ({field: [N, ...] tree}, for a
     checkpoint); afterwards no basis is needed."""
     if self.lazy_basis:
+      residuals = self.parts["residuals"]
       stale = np.flatnonzero((self.epoch != NEVER) & (self.epoch < self.current))
       if stale.size:
-        rows = jax.tree.map(lambda leaf: leaf[stale], self.residuals)
+        rows = jax.tree.map(lambda leaf: leaf[stale], residuals)
         self._move(rows, self.epoch[stale])
-        jax.tree.map(lambda leaf, r: leaf.__setitem__(stale, r), self.residuals, rows)
+        jax.tree.map(lambda leaf, r: leaf.__setitem__(stale, r), residuals, rows)
         self.epoch[stale] = self.current
       self._forget_unneeded_bases()
-    return self.residuals, self.client_controls
+    return self.parts
 
   def nbytes(self) -> int:
     """Host bytes held: the rows and the kept bases."""
-    rows = sum(x.nbytes for x in jax.tree.leaves((self.residuals, self.client_controls)))
+    rows = sum(x.nbytes for x in jax.tree.leaves(self.parts))
     return rows + sum(h.nbytes + g.nbytes for layers in self.bases.values() for h, g in layers)
 
   def _move(self, residuals: PyTree, epochs: np.ndarray) -> None:
@@ -129,61 +137,62 @@ class MemberStore:
       del self.bases[t]
 
 
+def _pick(tree: PyTree, i: int) -> PyTree:
+  return jax.tree.map(lambda x: x[i], tree)
+
+
 class ClientStore:
   """The host store of a run: one MemberStore per sweep member (`swept`: the trees carry a
   leading [S] axis, as the round's state does)."""
 
-  def __init__(self, residuals: PyTree, client_controls: PyTree, swept: bool,
-               lazy_basis: bool):
+  def __init__(self, parts: dict[str, PyTree], swept: bool, lazy_basis: bool):
     self.swept, self.lazy_basis = swept, lazy_basis
     if swept:
-      leaves = jax.tree.leaves((residuals, client_controls))
+      leaves = jax.tree.leaves(parts)
       count = leaves[0].shape[0] if leaves else 0
-      pick = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
-      self.members = [MemberStore(pick(residuals, i), pick(client_controls, i), lazy_basis)
-                      for i in range(count)]
+      self.members = [MemberStore(_pick(parts, i), lazy_basis) for i in range(count)]
     else:
-      self.members = [MemberStore(residuals, client_controls, lazy_basis)]
+      self.members = [MemberStore(parts, lazy_basis)]
 
   @classmethod
-  def zeros(cls, residuals: PyTree, client_controls: PyTree, num_clients: int, swept: bool,
-            lazy_basis: bool) -> "ClientStore":
-    """A store of `num_clients` zero rows shaped like the rows of `residuals` and
-    `client_controls` (the round's [K, ...] fields, [S, K, ...] for a sweep)."""
+  def initial(cls, parts: dict[str, PyTree], num_clients: int, swept: bool,
+              lazy_basis: bool) -> "ClientStore":
+    """A store of `num_clients` rows, each a copy of the first row of `parts` (a round-0
+    state's [K, ...] fields, [S, K, ...] for a sweep, whose rows are all alike: zeros, or
+    FedSA-LoRA's initial B)."""
     axis = 1 if swept else 0
-    zeros = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: np.zeros(x.shape[:axis] + (num_clients,) + x.shape[axis + 1:], x.dtype), tree)
-    return cls(zeros(residuals), zeros(client_controls), swept, lazy_basis)
+
+    def repeat(x):
+      first = np.take(np.asarray(x), [0], axis=axis)
+      return np.repeat(first, num_clients, axis=axis)
+
+    return cls(jax.tree.map(repeat, parts), swept, lazy_basis)
 
   def start(self, round_index: int) -> None:
     for member in self.members:
       member.start(round_index)
 
-  def gather(self, ids: list[np.ndarray]) -> tuple[PyTree, PyTree]:
+  def gather(self, ids: list[np.ndarray]) -> dict[str, PyTree]:
     """The rows of each member's sampled clients (`ids`: one [K] array per member), stacked
     over members for a sweep."""
-    parts = [m.gather(i) for m, i in zip(self.members, ids)]
-    return self._stacked(parts)
+    return self._stacked([m.gather(i) for m, i in zip(self.members, ids)])
 
-  def scatter(self, ids: list[np.ndarray], residuals: PyTree, client_controls: PyTree,
-              bases: PyTree = ()) -> None:
-    """Writes the round's new rows (device or host arrays, [S] leading for a sweep) back."""
-    residuals, client_controls, bases = jax.tree.map(np.asarray,
-                                                     (residuals, client_controls, bases))
+  def scatter(self, ids: list[np.ndarray], rows: dict[str, PyTree], bases: PyTree = ()) -> None:
+    """Writes the round's new rows ({field: device or host tree}, [S] leading for a sweep)."""
+    rows, bases = jax.tree.map(np.asarray, (rows, bases))
     for i, (member, member_ids) in enumerate(zip(self.members, ids)):
-      pick = (lambda tree: jax.tree.map(lambda x: x[i], tree)) if self.swept else (
-          lambda tree: tree)
+      pick = (lambda tree: _pick(tree, i)) if self.swept else (lambda tree: tree)
       layers = [(b.H, b.H_inv) for b in pick(bases)] if bases else ()
-      member.scatter(member_ids, pick(residuals), pick(client_controls), layers)
+      member.scatter(member_ids, pick(rows), layers)
 
-  def materialized(self) -> tuple[PyTree, PyTree]:
+  def materialized(self) -> dict[str, PyTree]:
     """All N rows of every member in the current basis ([S, N, ...] for a sweep)."""
     return self._stacked([m.materialized() for m in self.members])
 
   def nbytes(self) -> int:
     return sum(m.nbytes() for m in self.members)
 
-  def _stacked(self, parts: list[tuple[PyTree, PyTree]]) -> tuple[PyTree, PyTree]:
+  def _stacked(self, parts: list[dict[str, PyTree]]) -> dict[str, PyTree]:
     if not self.swept:
       return parts[0]
     return jax.tree.map(lambda *xs: np.stack(xs), *parts)

@@ -15,8 +15,8 @@ The per-layer functions compute the server's side. The last section says, for th
 can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a client trains in
 a round (FFA-LoRA and FedSVD: B only; RoLoRA: B, then A, by round) and how the server turns
 the received factors into the next global ones; the round applies both
-(federated/round.py). FedSA-LoRA, FLoRA, FedEx-LoRA and heterogeneous ranks need per-client B
-or the frozen weights as round state and are not selectable yet.
+(federated/round.py), which also keeps FedSA-LoRA's per-client B. FLoRA, FedEx-LoRA and
+heterogeneous ranks need the frozen weights as round state and are not selectable yet.
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """

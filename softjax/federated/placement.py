@@ -126,8 +126,8 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
 def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
   """The layout a clients-mesh round keeps a federated.ServerState in, one sharding per leaf:
   the global model, the server optimizer's state, SCAFFOLD's server control and the round
-  counter replicated; the [N, ...] residuals and client controls split along N (replicated
-  when N does not divide evenly)."""
+  counter replicated; the [N, ...] residuals, client controls and FedSA-LoRA's client B split
+  along N (replicated when N does not divide evenly)."""
   rep = replicated(mesh)
   per_client = lambda tree: jax.tree.map(  # noqa: E731
       lambda x: leading_sharding(mesh, x.shape[0]), tree)
@@ -135,7 +135,8 @@ def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
       trainable=jax.tree.map(lambda _: rep, state.trainable), round=rep,
       server_opt=jax.tree.map(lambda _: rep, state.server_opt),
       control=jax.tree.map(lambda _: rep, state.control),
-      residuals=per_client(state.residuals), client_controls=per_client(state.client_controls))
+      residuals=per_client(state.residuals), client_controls=per_client(state.client_controls),
+      client_factors=per_client(state.client_factors))
 
 
 def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:

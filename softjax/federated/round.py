@@ -54,7 +54,8 @@ from softjax.wireless import link as link_lib
 
 # run_clients(glob, frozen, data, scalars, ids [C], keys [C], per_client, slot_data [C] | None)
 #   -> (uploads [C], head deltas [C], losses [C], SCAFFOLD controls c_k+ [C] | None);
-# per_client = (error-feedback residuals [C] | None, SCAFFOLD corrections c - c_k [C] | None).
+# per_client = (error-feedback residuals [C] | None, SCAFFOLD corrections c - c_k [C] | None,
+#               FedSA-LoRA's own B [C] | None).
 ClientsFn = Callable[..., tuple]
 # A runner wraps ClientsFn into (glob, frozen, data, scalars, ids, keys, per_client) -> same:
 # where the slots run (one device, or split over a mesh) and where their examples come from.
@@ -74,6 +75,7 @@ class RoundPhases:
   # The per-client stores in the state hold only this round's slots, gathered on the host
   # (federated/client_store.py); row j is slot j, not client id j.
   host_store: bool = False
+  personal_b: bool = False  # FedSA-LoRA: every client trains from and keeps its own B
 
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -103,9 +105,10 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     prox_mu: FedProx's proximal weight on the clients (0: off).
     scaffold: SCAFFOLD's control variates (client SGD only); the state must hold them
       (`init_state(..., scaffold=True)`), and each client also uploads its control delta.
-    rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, rolora, fedsvd,
-      flexlora): which factors clients train each round and how the server re-forms them;
-      other than fedit, dense uploads only.
+    rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, fedsa, rolora,
+      fedsvd, flexlora): which factors clients train each round and how the server re-forms
+      them; other than fedit, dense uploads only. fedsa needs the state's client_factors
+      (`init_state(..., personal_b=True)`).
     host_store: the state's residuals and client controls are the K sampled clients' rows,
       gathered by the host (federated/client_store.py), not all N clients'; with
       `reorthogonalize` the metrics carry the round's change of basis, for the rows left on
@@ -128,7 +131,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
   if rule != "fedit" and (method.name != "dense" or reorthogonalize or scaffold):
     raise ValueError(f"aggregation rule {rule} runs with dense uploads only, without "
                      "re-orthogonalization or SCAFFOLD")
-  if rule in ("fedsvd", "flexlora") and server_optimizer is not None:
+  if rule in ("fedsvd", "flexlora", "fedsa") and server_optimizer is not None:
     raise ValueError(f"aggregation rule {rule} re-factorizes; a server optimizer's moments "
                      "would not follow")
 
@@ -141,9 +144,13 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     """
 
     def one_client(args):
-      client_id, key, (residual, correction), own = args
+      client_id, key, (residual, correction, own_b), own = args
       source = data if own is None else own
-      local, loss = client_update(glob, frozen, source, client_id if own is None else 0, key,
+      # FedSA-LoRA: the client starts from the shared A and its own B; its upload is the change
+      # from there.
+      start = glob if own_b is None else glob._replace(
+          lora=lora_lib.with_b_factors(glob.lora, own_b))
+      local, loss = client_update(start, frozen, source, client_id if own is None else 0, key,
                                   hparams, correction)
       control = None
       if scaffold:
@@ -154,11 +161,13 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
         residual = jax.tree.map(jnp.zeros_like, glob.lora)
       # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
       # regenerate it, so it costs no index bits.
-      upload = method.compress(glob.lora, local.lora, residual, hparams.keep_ratio,
+      upload = method.compress(start.lora, local.lora, residual, hparams.keep_ratio,
                                jax.random.fold_in(key, 1))
-      if hparams.factor_mask is not None:  # a frozen factor is not uploaded
-        upload = upload._replace(values=upload.values - _frozen_values(glob.lora,
-                                                                        hparams.factor_mask))
+      kept_home = hparams.factor_mask
+      if own_b is not None:  # B never leaves the client: only A's values are sent
+        kept_home = jnp.array([0.0, 1.0])
+      if kept_home is not None:  # a frozen (or personal) factor is not uploaded
+        upload = upload._replace(values=upload.values - _frozen_values(glob.lora, kept_home))
       return upload, optax.tree.sub(local.head, glob.head), loss, control
 
     return jax.lax.map(one_client, (client_ids, keys, per_client, slot_data),
@@ -166,10 +175,10 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
 
   return RoundPhases(clients=clients,
                      server=_server_phase(method, reorthogonalize, server_optimizer, scaffold,
-                                          rule, num_clients),
+                                          rule, num_clients, personal_b=rule == "fedsa"),
                      metrics=_metrics_phase(method, value_bits, head_params, scaffold, rule),
                      error_feedback=method.error_feedback, scaffold=scaffold, rule=rule,
-                     host_store=host_store)
+                     host_store=host_store, personal_b=rule == "fedsa")
 
 
 def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
@@ -183,7 +192,8 @@ def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
 
 def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
                   server_optimizer: optax.GradientTransformation | None = None,
-                  scaffold: bool = False, rule: str = "fedit", num_clients: int = 0):
+                  scaffold: bool = False, rule: str = "fedit", num_clients: int = 0,
+                  personal_b: bool = False):
   """The server phase of `method`: aggregation, the server optimizer's step on it, the
   residual store (ALGORITHM.md 2.4, 3) and SCAFFOLD's control variates."""
 
@@ -195,6 +205,10 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     lora = lora_rules.server_update(rule, glob.lora, uploads.sent, weights, lora)
+    client_factors = state.client_factors
+    if personal_b:
+      lora, client_factors = _personal_b(state, glob.lora, lora, uploads.sent, rows, valid,
+                                         num_clients)
     head = optax.tree.add(glob.head, sparsifiers.weighted_sum(head_deltas, weights))
     trainable, opt_state = Trainable(lora=lora, head=head), state.server_opt
     if server_optimizer is not None:
@@ -221,10 +235,25 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
         residuals = reorth.change_basis(residuals, bases)
     new_state = ServerState(trainable=trainable, round=state.round + 1, residuals=residuals,
                             server_opt=opt_state, control=control,
-                            client_controls=client_controls)
+                            client_controls=client_controls, client_factors=client_factors)
     return new_state, weights, bases
 
   return server
+
+
+def _personal_b(state: ServerState, glob_lora, lora, sent, rows, valid, num_clients: int = 0):
+  """FedSA-LoRA's B side: each trained client keeps B_k + dB_k (whether or not its upload of A
+  arrived: B never leaves it), and the global B stays the mean of all N clients' B,
+  Bbar <- Bbar + (1/N) sum_{k in S} dB_k. Returns (lora with that B, the new store)."""
+  stored = _num_rows(state, state.client_factors)
+  n = num_clients or stored
+  delta = jax.tree.map(lambda d: _per_client(valid, d) * d, lora_lib.b_factors(sent))
+  old = jax.tree.map(lambda all_b: all_b[rows], state.client_factors)
+  write_ids = jnp.where(valid > 0, rows, stored)  # padding slots write nothing
+  client_factors = jax.tree.map(lambda all_b, o, d: all_b.at[write_ids].set(o + d, mode="drop"),
+                                state.client_factors, old, delta)
+  mean_b = jax.tree.map(lambda g, d: g + d.sum(axis=0) / n, lora_lib.b_factors(glob_lora), delta)
+  return lora_lib.with_b_factors(lora, mean_b), client_factors
 
 
 def _scaffold_controls(state: ServerState, rows, arrived, new_controls, num_clients: int = 0):
@@ -310,16 +339,24 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
                  if phases.error_feedback else None)
     corrections = (jax.tree.map(lambda c, all_c: c[None] - all_c[rows], state.control,
                                 state.client_controls) if phases.scaffold else None)
+    own_b = (jax.tree.map(lambda b: b[rows], state.client_factors)
+             if phases.personal_b else None)
     scalars = hparams._replace(uplink=None)  # what a client reads; the links are [C]
     if phases.rule != "fedit":
       scalars = scalars._replace(factor_mask=lora_rules.trained_factors(phases.rule,
                                                                         state.round))
     uploads, head_deltas, losses, new_controls = run_clients(
-        glob, frozen, data, scalars, client_ids, keys, (residuals, corrections))
+        glob, frozen, data, scalars, client_ids, keys, (residuals, corrections, own_b))
     data_counts = data.counts[client_ids]
     received = valid if hparams.uplink is None else hparams.uplink.received * valid
     new_state, weights, bases = phases.server(state, glob, uploads, head_deltas, rows, valid,
                                               received, data_counts, new_controls)
+    if own_b is not None:
+      # The diagnostics read each client's factors as global + sent: FedSA's start from their own
+      # B, not the global one.
+      uploads = uploads._replace(sent=lora_lib.with_b_factors(uploads.sent, jax.tree.map(
+          lambda d, b, g: d + b - g[None], lora_lib.b_factors(uploads.sent), own_b,
+          lora_lib.b_factors(glob.lora))))
     metrics = phases.metrics(glob, new_state.trainable.lora, uploads, losses, valid, received,
                              weights, data_counts, hparams.uplink)
     if phases.host_store:
@@ -350,9 +387,11 @@ def slot_examples(data: FederatedData, ids: jax.Array) -> FederatedData:
 def _store_rows(phases: RoundPhases, state: ServerState, client_ids: jax.Array) -> jax.Array:
   """[C] rows of the per-client stores: the client ids; with a host store, which holds the
   K sampled clients in order, the slot (padding slots past K wrap around: they write nothing)."""
-  if not phases.host_store or not (phases.error_feedback or phases.scaffold):
+  if not phases.host_store or not (phases.error_feedback or phases.scaffold
+                                   or phases.personal_b):
     return client_ids
-  store = state.residuals if phases.error_feedback else state.client_controls
+  store = next(s for s in (state.residuals, state.client_controls, state.client_factors)
+               if jax.tree.leaves(s))
   return jnp.arange(client_ids.shape[0], dtype=jnp.int32) % _num_rows(state, store)
 
 

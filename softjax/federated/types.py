@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softjax.models import lora as lora_lib
 from softjax.models.apply import ApplyFn  # noqa: F401  (the round's model type, re-exported)
 
 PyTree = Any
@@ -31,6 +32,9 @@ class ServerState(NamedTuple):
   server_opt: PyTree = ()  # the server optimizer's state over `trainable`; () for plain FedAvg
   control: PyTree = ()  # SCAFFOLD's server control variate c, shaped like `trainable`; () if off
   client_controls: PyTree = ()  # SCAFFOLD's c_k of all N clients, [N] + `trainable`; () if off
+  # FedSA-LoRA's per-client B of all N clients, [N] + lora.b_factors(lora); () if off. The
+  # global B in `trainable` is their mean (what the test set is scored with).
+  client_factors: PyTree = ()
 
 
 class FederatedData(NamedTuple):
@@ -88,15 +92,20 @@ class RoundMetrics(NamedTuple):
 
 
 def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool,
-               server_opt: PyTree = (), scaffold: bool = False) -> ServerState:
+               server_opt: PyTree = (), scaffold: bool = False,
+               personal_b: bool = False) -> ServerState:
   """Round 0: the initial global factors and head, zero residuals for all N clients, the
   server optimizer's initial state (`server_opt.make(...).init(trainable)`, () for FedAvg),
-  and with `scaffold` zero control variates (server and every client)."""
+  with `scaffold` zero control variates (server and every client), and with `personal_b`
+  (FedSA-LoRA) every client's B equal to the initial global B."""
   per_client = lambda tree: jax.tree.map(  # noqa: E731
       lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), tree)
+  copies = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
   trainable = Trainable(lora=lora, head=head)
   return ServerState(trainable=trainable, round=jnp.zeros((), jnp.int32),
                      residuals=per_client(lora) if error_feedback else {},
                      server_opt=server_opt,
                      control=jax.tree.map(jnp.zeros_like, trainable) if scaffold else (),
-                     client_controls=per_client(trainable) if scaffold else ())
+                     client_controls=per_client(trainable) if scaffold else (),
+                     client_factors=copies(lora_lib.b_factors(lora)) if personal_b else ())

@@ -106,6 +106,18 @@ def factor_pairs(lora_tree: PyTree) -> tuple[list[dict[str, jax.Array]], Any]:
   return pairs, treedef
 
 
+def b_factors(lora_tree: PyTree) -> PyTree:
+  """The tree's B factors alone: every `{"A", "B"}` dict replaced by `{"B": B}` (leaves may
+  carry leading axes, e.g. a per-client [N] store)."""
+  return jax.tree.map(lambda pair: {"B": pair["B"]}, lora_tree, is_leaf=is_factor_pair)
+
+
+def with_b_factors(lora_tree: PyTree, b_tree: PyTree) -> PyTree:
+  """`lora_tree` with its B factors taken from `b_tree` (shaped as `b_factors` gives)."""
+  return jax.tree.map(lambda pair, b: {"A": pair["A"], "B": b["B"]}, lora_tree, b_tree,
+                      is_leaf=is_factor_pair)
+
+
 def path_str(path: tuple[Any, ...]) -> str:
   """'/'-joined key path, the checkpoint naming convention."""
   return jax.tree_util.keystr(path, simple=True, separator="/")

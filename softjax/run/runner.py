@@ -93,7 +93,7 @@ class RoundRunner:
 
   def initial_state(self) -> run_state.RunState:
     """Every member's round-0 state (stacked for a sweep), placed as the round keeps it; with a
-    host store, the N clients' zero rows on the host."""
+    host store, the N clients' initial rows on the host."""
     servers = [m.init_state for m in self.members]
     controllers = [controller_lib.init_state() for _ in self.members]
     if self.swept:
@@ -103,10 +103,10 @@ class RoundRunner:
       server, controller = servers[0], controllers[0]
     store = None
     if self.host_store:
-      # The members' states hold K rows (setup.build_member); the N zero rows start here.
-      store = client_store.ClientStore.zeros(server.residuals, server.client_controls,
-                                             self.config.fl.num_clients, self.swept,
-                                             self.config.method.reorthogonalize)
+      # The members' states hold K rows (setup.build_member); the N rows start here.
+      store = client_store.ClientStore.initial(client_store.fields_of(server),
+                                               self.config.fl.num_clients, self.swept,
+                                               self.config.method.reorthogonalize)
       store.start(0)
     return run_state.RunState(self._placed(server), controller, store)
 
@@ -118,11 +118,9 @@ class RoundRunner:
   def _gathered(self, state: run_state.RunState, clients: list[np.ndarray]
                 ) -> fl_types.ServerState:
     """The server state with the sampled clients' rows from the host store, on the device."""
-    residuals, controls = state.clients.gather(clients)
-    rows = state.server._replace(residuals=residuals, client_controls=controls)
+    rows = state.server._replace(**state.clients.gather(clients))
     placed = self._placed(rows)  # the server's other fields are already placed: no copy
-    return state.server._replace(residuals=placed.residuals,
-                                 client_controls=placed.client_controls)
+    return state.server._replace(**client_store.fields_of(placed))
 
   def _slice(self, tree, i: int):
     return run_state.member_slice(tree, i) if self.swept else tree
@@ -169,7 +167,7 @@ class RoundRunner:
     m = jax.tree.map(np.asarray, m)  # waits for the device
     returned = time.time()
     if state.clients is not None:
-      state.clients.scatter(clients, server.residuals, server.client_controls, m.bases)
+      state.clients.scatter(clients, client_store.fields_of(server), m.bases)
     rows = []
     for i, (member, plan, lr) in enumerate(zip(self.members, plans, lrs)):
       mi = self._slice(m, i)

@@ -36,12 +36,11 @@ def to_tree(state: RunState) -> dict:
   server = state.server
   if state.clients is not None:
     # All N rows, brought into the current basis (the checkpoint of a device store holds them so).
-    residuals, client_controls = state.clients.materialized()
-    server = server._replace(residuals=residuals, client_controls=client_controls)
+    server = server._replace(**state.clients.materialized())
   tree = {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
           "residuals": server.residuals, "controller": state.controller._asdict()}
   # Optional parts appear only when used, so a plain run keeps the tree of earlier checkpoints.
-  for key in ("server_opt", "control", "client_controls"):
+  for key in ("server_opt", "control", "client_controls", "client_factors"):
     if jax.tree.leaves(getattr(server, key)):
       tree[key] = getattr(server, key)
   return tree
@@ -53,17 +52,17 @@ def from_tree(tree: dict, like: RunState | None = None) -> RunState:
   server = fl_types.ServerState(
       trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
       residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()),
-      control=tree.get("control", ()), client_controls=tree.get("client_controls", ()))
+      control=tree.get("control", ()), client_controls=tree.get("client_controls", ()),
+      client_factors=tree.get("client_factors", ()))
   c = tree["controller"]
   controller = controller_lib.ControllerState(
       queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
   clients = None
   if like is not None and like.clients is not None:
-    clients = client_store_lib.ClientStore(server.residuals, server.client_controls,
+    clients = client_store_lib.ClientStore(client_store_lib.fields_of(server),
                                            like.clients.swept, like.clients.lazy_basis)
     clients.start(int(np.max(np.asarray(tree["round"]))))
-    server = server._replace(residuals=like.server.residuals,
-                             client_controls=like.server.client_controls)
+    server = server._replace(**client_store_lib.fields_of(like.server))
   return RunState(server, controller, clients)
 
 
