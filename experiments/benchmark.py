@@ -48,6 +48,7 @@ from experiments.round_timing import (
   SCALES,
   Scale,
   best_parallelism,
+  cpu_name,
   median,
   machine,
   section_flops,
@@ -193,7 +194,7 @@ def markdown(record: dict) -> str:
            f"{s['rank']} on query/value, K = {s['clients']}, E = {s['local_steps']}, b = "
            f"{s['batch_size']}; backend {record['backend']} ({record['device']}), "
            f"{record['cpu_count']} CPU cores, JAX {record['jax_version']}, {record['date']}.",
-           "", f"Machine: {record['cpu_model']} (has {seen}; lacks {missing}), "
+           "", f"Machine: {cpu_name(record)} (has {seen}; lacks {missing}), "
            f"jaxlib {record['jaxlib_version']}, torch {record['torch_version']}, XLA_FLAGS "
            f"'{record['xla_flags']}'.", ""]
   if "torch" in record:

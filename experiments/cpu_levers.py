@@ -62,8 +62,8 @@ def measure() -> dict:
 
 
 def markdown(record: dict) -> str:
-  lines = [f"Machine: {record['cpu_model']}, flags {', '.join(record['cpu_flags'])}, jaxlib "
-           f"{record['jaxlib_version']}; scale {record['scale']}.", "",
+  lines = [f"Machine: {round_timing.cpu_name(record)}, flags {', '.join(record['cpu_flags'])}, "
+           f"jaxlib {record['jaxlib_version']}; scale {record['scale']}.", "",
            "| arm | XLA_FLAGS | client_parallelism | round (s) | per pass | vs default |",
            "|---|---|---:|---:|---|---:|"]
   for name, a in record["arms"].items():

@@ -244,19 +244,31 @@ def section_flops(scale: Scale, jax_record: dict) -> dict:
           "matmul_flops_per_s": matmul_flops_s, "utilization": round_flops_s / matmul_flops_s}
 
 
+def cpu_name(record: dict) -> str:
+  """'AMD EPYC (family 23, model 1)' from a `machine()` record (older records: the name)."""
+  if record.get("cpu_family") is None:
+    return record["cpu_model"]
+  return (f"{record['cpu_model']} (family {record['cpu_family']}, model "
+          f"{record['cpu_model_number']})")
+
+
 def machine() -> dict:
   """The CPU model and its flags that matter here, XLA_FLAGS and the library versions."""
   import jaxlib
 
-  model, flags_seen = "unknown", set()
+  model, flags_seen, generation = "unknown", set(), {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
+        key = key.strip()
+        if key == "model name" and model == "unknown":
           model = value.strip()
-        elif key.strip() == "flags" and not flags_seen:
+        elif key == "flags" and not flags_seen:
           flags_seen = set(value.split())
+        elif key in ("cpu family", "model") and key not in generation:
+          # A VM may name only the vendor ("AMD EPYC"); family and model tell the generation.
+          generation[key] = value.strip()
   except OSError:  # not Linux: the model stays unknown
     pass
   try:
@@ -264,6 +276,8 @@ def machine() -> dict:
     torch_version = torch.__version__
   except ImportError:
     torch_version = None
-  return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
+  return {"cpu_model": model, "cpu_family": generation.get("cpu family"),
+          "cpu_model_number": generation.get("model"),
+          "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib_version": jaxlib.__version__,
           "torch_version": torch_version}

@@ -86,3 +86,14 @@ def test_cpu_levers_times_every_arm_in_its_own_process(tmp_path):
   assert arms["default"]["speedup_vs_default"] == 1.0
   assert arms["onednn"]["xla_flags"] == "--xla_cpu_use_onednn=true"
   assert all(a["round_s"] > 0 and len(a["pass_medians"]) == 1 for a in arms.values())
+
+
+def test_machine_names_the_cpu_generation_behind_a_vendor_only_model_name():
+  from experiments import round_timing
+
+  record = round_timing.machine()
+  assert set(record) >= {"cpu_model", "cpu_family", "cpu_model_number", "cpu_flags"}
+  zen1 = {"cpu_model": "AMD EPYC", "cpu_family": "23", "cpu_model_number": "1"}
+  assert round_timing.cpu_name(zen1) == "AMD EPYC (family 23, model 1)"
+  # Records written before the family was recorded still read.
+  assert round_timing.cpu_name({"cpu_model": "AMD EPYC"}) == "AMD EPYC"
