@@ -140,7 +140,7 @@ def test_eval_counts_each_mask_row_from_one_pass():
   images = rng.integers(0, 256, size=(8, 8, 8, 1), dtype=np.uint8)
   labels = rng.integers(0, 5, size=8).astype(np.int32)
   masks = np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]], np.float32)
-  correct, count = eval_fn(frozen, state.trainable, images, labels, masks)
+  correct, count = eval_fn(frozen, (), state.trainable, images, labels, masks)
   logits = apply_fn(frozen, state.trainable, batching.preprocess(jnp.asarray(images)))
   hits = np.argmax(logits, -1) == labels
   chex.assert_shape(correct, (2,))

@@ -138,6 +138,9 @@ def test_aggregation_error_matches_dense_products(name):
 # ------------------------------------------------------------------ the rules inside the round
 
 
+TINY_SCALE = 4.0 / 4  # tiny_setup's alpha / r
+
+
 def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
   from softjax.federated import round as round_lib
   from softjax.federated import types as fl_types
@@ -145,10 +148,12 @@ def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
 
   apply_fn, frozen, init, data = tiny_setup()
   round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
-                                          batch_size=4, client_parallelism=1, rule=rule))
-  if rule == "fedsa":  # every client's own B, all equal to the initial global B
+                                          batch_size=4, client_parallelism=1, rule=rule,
+                                          adapter_scale=TINY_SCALE))
+  if rule in ("fedsa", "fedex"):  # FedSA: every client's own B; FedEx: zero folds
     init = fl_types.init_state(init.trainable.lora, init.trainable.head, num_clients=4,
-                               error_feedback=False, personal_b=True)
+                               error_feedback=False, personal_b=rule == "fedsa",
+                               fold=rule == "fedex")
   state = init if state is None else state
   new, metrics = round_fn(state, frozen, data, jnp.array(clients, jnp.int32), jax.random.key(2),
                           fl_types.make_hparams(lr))
@@ -267,6 +272,77 @@ def test_fedsa_round_keeps_each_clients_b_and_averages_a_over_a_client_loop():
   assert float(metrics.cov_term) > 0  # personal B: the mean model is not the mean product
 
 
+def test_a_fold_in_the_frozen_kernels_is_the_adapter_product():
+  from softjax.models import lora as lora_lib
+  from tests.support import tiny_setup
+
+  apply_fn, frozen, state, _ = tiny_setup()
+  lora = jax.tree.map(lambda x: x + 0.3 * jnp.sign(x), state.trainable.lora)
+  folds = jax.tree.map(lambda pair: {"W": pair["B"] @ pair["A"]}, lora,
+                       is_leaf=lora_lib.is_factor_pair)
+  no_adapter = jax.tree.map(lambda pair: {"A": pair["A"], "B": 0 * pair["B"]}, lora,
+                            is_leaf=lora_lib.is_factor_pair)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  want = apply_fn(frozen, state.trainable._replace(lora=lora), x)
+  got = apply_fn(lora_lib.fold_into(frozen, folds, TINY_SCALE),
+                 state.trainable._replace(lora=no_adapter), x)
+  chex.assert_trees_all_close(got, want, atol=1e-5)
+  assert lora_lib.fold_into(frozen, (), TINY_SCALE) is frozen
+  # The evaluation scores the folded model too.
+  from softjax.data import batching
+  from softjax.federated import evaluation
+  eval_fn = jax.jit(evaluation.make_eval(apply_fn, 4, TINY_SCALE))
+  images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+  labels, masks = np.arange(8, dtype=np.int32) % 5, np.ones((1, 8), np.float32)
+  logits = apply_fn(frozen, state.trainable._replace(lora=lora),
+                    batching.preprocess(jnp.asarray(images)))
+  hits = float(np.sum(np.argmax(logits, -1) == labels))
+  got, _ = eval_fn(frozen, folds, state.trainable._replace(lora=no_adapter), images, labels, masks)
+  assert float(got[0]) == hits
+  zeros = lora_lib.zero_folds(lora)
+  chex.assert_shape(jax.tree.leaves(zeros)[0], (16, 16))  # [d_out, d_in] of query (2 x 8 heads)
+
+
+def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
+  from softjax.federated import client as client_lib
+  from softjax.federated import types as fl_types
+  from softjax.models import lora as lora_lib
+
+  lr = 0.5  # clients that move apart, so that the residual (up to 0.2 here) is far above rounding
+  first, _, init, (apply_fn, frozen, data) = _round("fedex", lr=lr)
+  second, metrics, _, _ = _round("fedex", state=first, clients=(0, 1), lr=lr)
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+                                                batch_size=4))
+  # The reference: FedIT's averages, and each round W += sum p_k B_k A_k - Bbar Abar, which the
+  # next round's clients train on.
+  glob, folds = init.trainable, lora_lib.zero_folds(init.trainable.lora)
+  for t, clients in enumerate(((1, 3), (0, 1))):
+    round_key = jax.random.fold_in(jax.random.key(2), t)
+    counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
+    p = counts / counts.sum()
+    frozen_now = lora_lib.fold_into(frozen, folds, TINY_SCALE)
+    locals_ = [update(glob, frozen_now, data, jnp.int32(k), jax.random.fold_in(round_key, k),
+                      fl_types.make_hparams(lr))[0] for k in clients]
+    glob = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)), *locals_)
+    folds = jax.tree.map(
+        lambda f, mean, *pairs: {"W": f["W"] + sum(pk * q["B"] @ q["A"] for pk, q in zip(p, pairs))
+                                 - mean["B"] @ mean["A"]},
+        folds, glob.lora, *[x.lora for x in locals_],
+        is_leaf=lambda n: lora_lib.is_factor_pair(n) or set(n) == {"W"})
+  chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
+  chex.assert_trees_all_close(second.folded, folds, atol=1e-6)
+  assert float(jnp.abs(jax.tree.leaves(folds)[0]).max()) > 1e-4  # a real residual was folded
+  # Nothing of the clients' mean product is lost; FedIT's same round leaves its covariance term.
+  _, fedit_metrics, *_ = _round("fedit", state=first._replace(folded=()), clients=(0, 1),
+                                lr=lr)
+  assert float(metrics.cov_term) < 1e-3 * float(fedit_metrics.cov_term)
+  # The fold is broadcast as [p_1 B_1 | p_2 B_2 | -Bbar] [A_1; A_2; Abar]: 3 r columns a layer.
+  per_column = sum((q["B"].shape[0] + q["A"].shape[1]) * q["B"].shape[1]
+                   for q in _pairs(init.trainable.lora))
+  assert int(metrics.downlink_bits) == 32 * 3 * per_column
+  assert int(fedit_metrics.downlink_bits) == 0
+
+
 @pytest.mark.parametrize("overrides, line", [
     ({"method.rule": "ffa", "method.name": "soft", "method.keep_ratio": 0.5},
      "method.rule.*ffa.*method.name=soft.*needs method.name=dense"),
@@ -276,6 +352,8 @@ def test_fedsa_round_keeps_each_clients_b_and_averages_a_over_a_client_loop():
      "method.rule.*server.optimizer=fedadam"),
     ({"method.rule": "fedsa", "server.optimizer": "fedyogi"},
      "method.rule.*fedsa.*server.optimizer=fedyogi"),
+    ({"method.rule": "fedex", "server.optimizer": "fedavgm"},
+     "method.rule.*fedex.*server.optimizer=fedavgm"),
     ({"method.rule": "hetlora"}, "method.rule.*must be one of fedit"),
 ])
 def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
@@ -288,7 +366,25 @@ def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa"])
+def test_fedex_folds_are_checkpointed_and_a_resumed_sweep_equals_the_straight_run(cache_dir,
+                                                                                  tmp_path):
+  from softjax.run import experiment
+  from tests.support import make_config
+
+  common = {"method.rule": "fedex", "checkpoint.every": 2, "sweep.seed": "0,1"}
+  run = lambda name, rounds: experiment.run(  # noqa: E731
+      make_config(cache_dir, rounds=rounds, **common), str(tmp_path / name))
+  straight = run("straight", 4)
+  run("resumed", 2)
+  resumed = run("resumed", 4)  # restores the folds from round 2's checkpoint
+  fields = ("round", "member", "train_loss", "cov_term", "downlink_bits", "test_accuracy")
+  pick = lambda rows: [tuple(r.get(f) for f in fields) for r in rows]  # noqa: E731
+  assert pick(resumed["rows"]) == pick(straight["rows"])
+  assert all(r["downlink_bits"] > 0 for r in straight["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa", "fedex"])
 def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
   from softjax.run import experiment
   from tests.support import make_config

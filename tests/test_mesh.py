@@ -337,15 +337,18 @@ def test_drift_control_state_runs_in_a_sharded_sweep(cache_dir, tmp_path, extra)
 
 
 @pytest.mark.slow
-def test_fedsa_on_a_padded_mesh_with_a_host_store_equals_one_device(cache_dir, tmp_path):
-  # FedSA-LoRA's per-client B, split along N on the mesh or kept on the host.
+@pytest.mark.parametrize("rule", ["fedsa", "fedex"])
+def test_a_rules_state_on_a_padded_mesh_with_a_host_store_equals_one_device(cache_dir, tmp_path,
+                                                                            rule):
+  # FedSA-LoRA's per-client B, split along N on the mesh or kept on the host; FedEx-LoRA's
+  # folds, replicated (its padded slots must fold nothing).
   from softjax.run import experiment
 
-  fedsa = {"method.name": "dense", "method.keep_ratio": 1.0, "method.zeta": 0.0,
-           "controller.name": "fixed", "method.rule": "fedsa"}
-  want = experiment.run(run_config(cache_dir, **fedsa), str(tmp_path / "one"))
+  dense = {"method.name": "dense", "method.keep_ratio": 1.0, "method.zeta": 0.0,
+           "controller.name": "fixed", "method.rule": rule}
+  want = experiment.run(run_config(cache_dir, **dense), str(tmp_path / "one"))
   for name, extra in (("mesh", {"mesh.devices": 4}),
                       ("host", {"mesh.devices": 4, "fl.client_store": "host"})):
-    got = experiment.run(run_config(cache_dir, **fedsa, **extra), str(tmp_path / name))
+    got = experiment.run(run_config(cache_dir, **dense, **extra), str(tmp_path / name))
     assert got["devices"] == 4 and got["round_traces"] == 1
     assert_rows_close(got["rows"], want["rows"])

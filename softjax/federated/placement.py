@@ -125,9 +125,9 @@ def place_examples(array: np.ndarray, layout: ClientMajorLayout, mesh: Mesh | No
 
 def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
   """The layout a clients-mesh round keeps a federated.ServerState in, one sharding per leaf:
-  the global model, the server optimizer's state, SCAFFOLD's server control and the round
-  counter replicated; the [N, ...] residuals, client controls and FedSA-LoRA's client B split
-  along N (replicated when N does not divide evenly)."""
+  the global model, the server optimizer's state, SCAFFOLD's server control, FedEx-LoRA's
+  folds and the round counter replicated; the [N, ...] residuals, client controls and
+  FedSA-LoRA's client B split along N (replicated when N does not divide evenly)."""
   rep = replicated(mesh)
   per_client = lambda tree: jax.tree.map(  # noqa: E731
       lambda x: leading_sharding(mesh, x.shape[0]), tree)
@@ -136,7 +136,8 @@ def state_shardings(state: PyTree, mesh: Mesh) -> PyTree:
       server_opt=jax.tree.map(lambda _: rep, state.server_opt),
       control=jax.tree.map(lambda _: rep, state.control),
       residuals=per_client(state.residuals), client_controls=per_client(state.client_controls),
-      client_factors=per_client(state.client_factors))
+      client_factors=per_client(state.client_factors),
+      folded=jax.tree.map(lambda _: rep, state.folded))
 
 
 def place_state(state: PyTree, mesh: Mesh, stacked: bool) -> PyTree:

@@ -76,6 +76,7 @@ class RoundPhases:
   # (federated/client_store.py); row j is slot j, not client id j.
   host_store: bool = False
   personal_b: bool = False  # FedSA-LoRA: every client trains from and keeps its own B
+  adapter_scale: float = 1.0  # alpha / r, the scale of FedEx-LoRA's folds in the frozen kernels
 
 
 def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
@@ -85,7 +86,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 server_optimizer: optax.GradientTransformation | None = None,
                 prox_mu: float = 0.0, scaffold: bool = False,
                 rule: str = "fedit", host_store: bool = False,
-                num_clients: int = 0) -> RoundPhases:
+                num_clients: int = 0, adapter_scale: float = 1.0) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -108,13 +109,15 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, fedsa, rolora,
       fedsvd, flexlora): which factors clients train each round and how the server re-forms
       them; other than fedit, dense uploads only. fedsa needs the state's client_factors
-      (`init_state(..., personal_b=True)`).
+      (`init_state(..., personal_b=True)`), fedex its folds (`init_state(..., fold=True)`).
     host_store: the state's residuals and client controls are the K sampled clients' rows,
       gathered by the host (federated/client_store.py), not all N clients'; with
       `reorthogonalize` the metrics carry the round's change of basis, for the rows left on
       the host.
     num_clients: N, which SCAFFOLD's server control averages over; 0: the store's rows (N
       unless `host_store`).
+    adapter_scale: the LoRA scale alpha / r, with which FedEx-LoRA's folds enter the frozen
+      kernels (models/lora.fold_into).
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
@@ -131,7 +134,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
   if rule != "fedit" and (method.name != "dense" or reorthogonalize or scaffold):
     raise ValueError(f"aggregation rule {rule} runs with dense uploads only, without "
                      "re-orthogonalization or SCAFFOLD")
-  if rule in ("fedsvd", "flexlora", "fedsa") and server_optimizer is not None:
+  if rule in ("fedsvd", "flexlora", "fedsa", "fedex") and server_optimizer is not None:
     raise ValueError(f"aggregation rule {rule} re-factorizes; a server optimizer's moments "
                      "would not follow")
 
@@ -178,7 +181,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                                           rule, num_clients, personal_b=rule == "fedsa"),
                      metrics=_metrics_phase(method, value_bits, head_params, scaffold, rule),
                      error_feedback=method.error_feedback, scaffold=scaffold, rule=rule,
-                     host_store=host_store, personal_b=rule == "fedsa")
+                     host_store=host_store, personal_b=rule == "fedsa",
+                     adapter_scale=adapter_scale)
 
 
 def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
@@ -205,7 +209,9 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     lora = lora_rules.server_update(rule, glob.lora, uploads.sent, weights, lora)
-    client_factors = state.client_factors
+    client_factors, folded = state.client_factors, state.folded
+    if rule == "fedex":
+      folded = lora_rules.fold_update(glob.lora, uploads.sent, weights, lora, folded)
     if personal_b:
       lora, client_factors = _personal_b(state, glob.lora, lora, uploads.sent, rows, valid,
                                          num_clients)
@@ -235,7 +241,8 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
         residuals = reorth.change_basis(residuals, bases)
     new_state = ServerState(trainable=trainable, round=state.round + 1, residuals=residuals,
                             server_opt=opt_state, control=control,
-                            client_controls=client_controls, client_factors=client_factors)
+                            client_controls=client_controls, client_factors=client_factors,
+                            folded=folded)
     return new_state, weights, bases
 
   return server
@@ -290,10 +297,14 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
       bits = (bits * received).astype(bits.dtype)  # delivered bits
     zero = jnp.zeros((), jnp.float32)
     cov, gap, energy = zero, zero, zero
+    downlink = jnp.zeros((), jnp.int32)
+    if rule == "fedex":  # the fold is broadcast factored, beside the factors
+      downlink = value_bits * lora_rules.fold_downlink_values(glob.lora, jnp.sum(received > 0))
     if method.factor_upload:
       # What the rule's new factors leave of sum_k p_k B_k A_k (fedit: the covariance term).
       cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if rule == "fedit"
-             else lora_rules.rule_error(glob.lora, uploads.sent, weights, lora))
+             else lora_rules.rule_error(glob.lora, uploads.sent, weights, lora,
+                                        fold=rule == "fedex"))
       gap, energy = client_score_diagnostics(glob.lora, uploads.sent, uploads.residual, valid)
     # Every sampled client trained, whether or not its upload arrived, so the reported loss
     # weighs them all by data size (a round whose uploads were all lost still has a loss).
@@ -302,7 +313,7 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
                         client_latency_s=latency,
                         dropped_energy=(valid * uploads.dropped_energy).sum(), cov_term=cov,
                         orth_residual=global_orth_residual(lora), score_gap=gap,
-                        score_energy=energy)
+                        score_energy=energy, downlink_bits=downlink)
 
   return metrics
 
@@ -345,6 +356,8 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     if phases.rule != "fedit":
       scalars = scalars._replace(factor_mask=lora_rules.trained_factors(phases.rule,
                                                                         state.round))
+    # FedEx-LoRA: clients train on the frozen weights with every fold so far (a no-op if none).
+    frozen = lora_lib.fold_into(frozen, state.folded, phases.adapter_scale)
     uploads, head_deltas, losses, new_controls = run_clients(
         glob, frozen, data, scalars, client_ids, keys, (residuals, corrections, own_b))
     data_counts = data.counts[client_ids]

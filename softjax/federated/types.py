@@ -35,6 +35,9 @@ class ServerState(NamedTuple):
   # FedSA-LoRA's per-client B of all N clients, [N] + lora.b_factors(lora); () if off. The
   # global B in `trainable` is their mean (what the test set is scored with).
   client_factors: PyTree = ()
+  # FedEx-LoRA's folded residuals: per adapted layer {"W": [d_out, d_in]} (lora.zero_folds),
+  # added as alpha/r * W to that layer's frozen kernel (lora.fold_into); () if off.
+  folded: PyTree = ()
 
 
 class FederatedData(NamedTuple):
@@ -86,6 +89,9 @@ class RoundMetrics(NamedTuple):
   # SOFT's scores on the factors clients score (global + sent + residual, before sparsifying):
   score_gap: jax.Array  # float32 [], mean over clients and layers of ||sort(s) - sigma||/||sigma||
   score_energy: jax.Array  # float32 [], sum over clients and layers of sum_i s_i^2
+  # int32 [], bits the server broadcasts beyond the global factors and head (FedEx-LoRA's
+  # factored fold); 0 for the rules that broadcast only the factors.
+  downlink_bits: jax.Array = 0
   # With a host client store and re-orthogonalization: the round's change of basis per layer
   # (list of reorthogonalize.Basis), for the residuals the host keeps; () otherwise.
   bases: PyTree = ()
@@ -93,11 +99,12 @@ class RoundMetrics(NamedTuple):
 
 def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: bool,
                server_opt: PyTree = (), scaffold: bool = False,
-               personal_b: bool = False) -> ServerState:
+               personal_b: bool = False, fold: bool = False) -> ServerState:
   """Round 0: the initial global factors and head, zero residuals for all N clients, the
   server optimizer's initial state (`server_opt.make(...).init(trainable)`, () for FedAvg),
   with `scaffold` zero control variates (server and every client), and with `personal_b`
-  (FedSA-LoRA) every client's B equal to the initial global B."""
+  (FedSA-LoRA) every client's B equal to the initial global B, and with `fold` (FedEx-LoRA)
+  a zero fold per adapted layer."""
   per_client = lambda tree: jax.tree.map(  # noqa: E731
       lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), tree)
   copies = lambda tree: jax.tree.map(  # noqa: E731
@@ -108,4 +115,5 @@ def init_state(lora: PyTree, head: PyTree, num_clients: int, error_feedback: boo
                      server_opt=server_opt,
                      control=jax.tree.map(jnp.zeros_like, trainable) if scaffold else (),
                      client_controls=per_client(trainable) if scaffold else (),
-                     client_factors=copies(lora_lib.b_factors(lora)) if personal_b else ())
+                     client_factors=copies(lora_lib.b_factors(lora)) if personal_b else (),
+                     folded=lora_lib.zero_folds(lora) if fold else ())

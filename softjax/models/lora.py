@@ -118,6 +118,31 @@ def with_b_factors(lora_tree: PyTree, b_tree: PyTree) -> PyTree:
                       is_leaf=is_factor_pair)
 
 
+def zero_folds(lora_tree: PyTree) -> PyTree:
+  """A fold per adapted layer, zero: every `{"A", "B"}` dict replaced by `{"W": [d_out, d_in]}`
+  (the frozen-weight change a rule folds in, in units of the adapter product B A)."""
+  return jax.tree.map(lambda pair: {"W": jnp.zeros((pair["B"].shape[-2], pair["A"].shape[-1]),
+                                                   pair["A"].dtype)},
+                      lora_tree, is_leaf=is_factor_pair)
+
+
+def fold_into(frozen: PyTree, folds: PyTree, scale: float) -> PyTree:
+  """The frozen params with each layer's fold added to its kernel, W0 <- W0 + scale * W
+  (`folds` as `zero_folds` gives, at the LoRA tree's paths; () or {}: `frozen` itself). The
+  kernel is stored [*in_shape, *out_shape], so the [d_out, d_in] fold goes in transposed.
+
+  References:
+    docs/algorithm.md section 5 (FedEx-LoRA: the residual folded into the frozen weights).
+  """
+  if not isinstance(folds, Mapping) or not folds:
+    return frozen
+  if set(folds) == {"W"}:
+    kernel = frozen["kernel"]
+    return {**frozen, "kernel": kernel + scale * folds["W"].T.reshape(kernel.shape)}
+  return {name: fold_into(sub, folds[name], scale) if name in folds else sub
+          for name, sub in frozen.items()}
+
+
 def path_str(path: tuple[Any, ...]) -> str:
   """'/'-joined key path, the checkpoint naming convention."""
   return jax.tree_util.keystr(path, simple=True, separator="/")

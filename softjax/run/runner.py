@@ -58,9 +58,10 @@ class RoundRunner:
         head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize,
         server_optimizer=server_optimizer(config), prox_mu=fl.prox_mu, scaffold=fl.scaffold,
         rule=config.method.rule, host_store=fl.client_store == "host",
-        num_clients=fl.num_clients)
+        num_clients=fl.num_clients, adapter_scale=config.lora.alpha / config.lora.rank)
     self.host_store = phases.host_store
-    eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size)
+    eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size,
+                                   phases.adapter_scale)
     scores_fn = lambda lora: [soft.component_scores(p["B"], p["A"])  # noqa: E731
                               for p in lora_lib.factor_pairs(lora)[0]]
     out_shardings = None
@@ -72,7 +73,7 @@ class RoundRunner:
         round_fn = jax.shard_map(round_fn, mesh=mesh,
                                  in_specs=(split, P(), P(), split, split, split),
                                  out_specs=split)
-      eval_fn = jax.vmap(eval_fn, in_axes=(None, 0, None, None, None))
+      eval_fn = jax.vmap(eval_fn, in_axes=(None, 0, 0, None, None, None))
       scores_fn = jax.vmap(scores_fn)
     else:
       round_fn = placement.place_round(phases, mesh, config.mesh.shard_data)
@@ -198,7 +199,7 @@ class RoundRunner:
         "dropped_energy": float(mi.dropped_energy), "cov_term": float(mi.cov_term),
         "orth_residual_B": float(mi.orth_residual[0]),
         "orth_residual_A": float(mi.orth_residual[1]), "score_gap": float(mi.score_gap),
-        "score_energy": float(mi.score_energy)})
+        "score_energy": float(mi.score_energy), "downlink_bits": int(mi.downlink_bits)})
     return row
 
   def evaluate(self, state: run_state.RunState, last: bool = False) -> list[dict[str, float]]:
@@ -207,7 +208,8 @@ class RoundRunner:
     tick = time.time()
     final = self.shared.test.final if last else None
     images, labels, masks = self.shared.test.subset if final is None else final
-    correct, count = self.eval(self.shared.frozen, state.server.trainable, images, labels, masks)
+    correct, count = self.eval(self.shared.frozen, state.server.folded, state.server.trainable,
+                               images, labels, masks)
     accuracy = np.asarray(correct).reshape(-1, masks.shape[0]) / np.asarray(count).reshape(
         -1, masks.shape[0])  # [members, mask rows]
     elapsed = time.time() - tick

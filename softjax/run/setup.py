@@ -294,7 +294,8 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
   state = fl_types.init_state(
       lora, shared.head, rows, shared.sparsifier.error_feedback,
       server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)),
-      scaffold=config.fl.scaffold, personal_b=config.method.rule == "fedsa")
+      scaffold=config.fl.scaffold, personal_b=config.method.rule == "fedsa",
+      fold=config.method.rule == "fedex")
   member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
                   controller=make_controller(config, uplink, lora, shared.head_params),

@@ -40,7 +40,7 @@ def to_tree(state: RunState) -> dict:
   tree = {"lora": server.trainable.lora, "head": server.trainable.head, "round": server.round,
           "residuals": server.residuals, "controller": state.controller._asdict()}
   # Optional parts appear only when used, so a plain run keeps the tree of earlier checkpoints.
-  for key in ("server_opt", "control", "client_controls", "client_factors"):
+  for key in ("server_opt", "control", "client_controls", "client_factors", "folded"):
     if jax.tree.leaves(getattr(server, key)):
       tree[key] = getattr(server, key)
   return tree
@@ -53,7 +53,7 @@ def from_tree(tree: dict, like: RunState | None = None) -> RunState:
       trainable=fl_types.Trainable(lora=tree["lora"], head=tree["head"]), round=tree["round"],
       residuals=tree.get("residuals", {}), server_opt=tree.get("server_opt", ()),
       control=tree.get("control", ()), client_controls=tree.get("client_controls", ()),
-      client_factors=tree.get("client_factors", ()))
+      client_factors=tree.get("client_factors", ()), folded=tree.get("folded", ()))
   c = tree["controller"]
   controller = controller_lib.ControllerState(
       queue=np.asarray(c["queue"], np.float64), fallbacks=np.asarray(c["fallbacks"], np.int64))
