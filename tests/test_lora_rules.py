@@ -150,10 +150,10 @@ def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
   round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
                                           batch_size=4, client_parallelism=1, rule=rule,
                                           adapter_scale=TINY_SCALE))
-  if rule in ("fedsa", "fedex"):  # FedSA: every client's own B; FedEx: zero folds
+  if rule in ("fedsa", "fedex", "flora"):  # FedSA: every client's own B; the others: folds
     init = fl_types.init_state(init.trainable.lora, init.trainable.head, num_clients=4,
                                error_feedback=False, personal_b=rule == "fedsa",
-                               fold=rule == "fedex")
+                               fold=rule in ("fedex", "flora"))
   state = init if state is None else state
   new, metrics = round_fn(state, frozen, data, jnp.array(clients, jnp.int32), jax.random.key(2),
                           fl_types.make_hparams(lr))
@@ -343,6 +343,50 @@ def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
   assert int(fedit_metrics.downlink_bits) == 0
 
 
+def test_flora_round_folds_the_mean_product_and_restarts_the_adapter_over_a_client_loop():
+  from softjax.federated import client as client_lib
+  from softjax.federated import round as round_lib
+  from softjax.federated import types as fl_types
+  from softjax.models import lora as lora_lib
+
+  lr = 0.5
+  first, _, init, (apply_fn, frozen, data) = _round("flora", lr=lr)
+  second, metrics, _, _ = _round("flora", state=first, clients=(0, 1), lr=lr)
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+                                                batch_size=4))
+  # The reference: each round W += sum p_k B_k A_k (the whole mean product), then the adapter
+  # restarts at B = 0 and a fresh A; the head is averaged.
+  glob, folds = init.trainable, lora_lib.zero_folds(init.trainable.lora)
+  for t, clients in enumerate(((1, 3), (0, 1))):
+    round_key = jax.random.fold_in(jax.random.key(2), t)
+    counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
+    p = counts / counts.sum()
+    frozen_now = lora_lib.fold_into(frozen, folds, TINY_SCALE)
+    locals_ = [update(glob, frozen_now, data, jnp.int32(k), jax.random.fold_in(round_key, k),
+                      fl_types.make_hparams(lr))[0] for k in clients]
+    folds = jax.tree.map(
+        lambda f, *pairs: {"W": f["W"] + sum(pk * q["B"] @ q["A"] for pk, q in zip(p, pairs))},
+        folds, *[x.lora for x in locals_],
+        is_leaf=lambda n: lora_lib.is_factor_pair(n) or set(n) == {"W"})
+    head = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)),
+                        *[x.head for x in locals_])
+    fresh = rules.restarted(glob.lora,
+                            jax.random.fold_in(round_key, round_lib.RESTART_STREAM))
+    glob = fl_types.Trainable(lora=fresh, head=head)
+  chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
+  chex.assert_trees_all_close(second.folded, folds, atol=1e-6)
+  for old, new in zip(_pairs(first.trainable.lora), _pairs(second.trainable.lora)):
+    assert float(jnp.abs(new["B"]).max()) == 0.0  # restarted
+    assert float(jnp.abs(new["A"] - old["A"]).max()) > 0.1  # a fresh A each round
+    chex.assert_trees_all_close(float(jnp.std(new["A"]) * np.sqrt(new["A"].shape[1])), 1.0,
+                                rtol=0.35)
+  assert float(metrics.cov_term) < 1e-4  # the fold is the exact mean product
+  # The fold is broadcast as [p_1 B_1 | p_2 B_2] [A_1; A_2]: 2 r columns a layer.
+  per_column = sum((q["B"].shape[0] + q["A"].shape[1]) * q["B"].shape[1]
+                   for q in _pairs(init.trainable.lora))
+  assert int(metrics.downlink_bits) == 32 * 2 * per_column
+
+
 @pytest.mark.parametrize("overrides, line", [
     ({"method.rule": "ffa", "method.name": "soft", "method.keep_ratio": 0.5},
      "method.rule.*ffa.*method.name=soft.*needs method.name=dense"),
@@ -354,6 +398,8 @@ def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
      "method.rule.*fedsa.*server.optimizer=fedyogi"),
     ({"method.rule": "fedex", "server.optimizer": "fedavgm"},
      "method.rule.*fedex.*server.optimizer=fedavgm"),
+    ({"method.rule": "flora", "server.optimizer": "fedadam"},
+     "method.rule.*flora.*server.optimizer=fedadam"),
     ({"method.rule": "hetlora"}, "method.rule.*must be one of fedit"),
 ])
 def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
@@ -384,7 +430,7 @@ def test_fedex_folds_are_checkpointed_and_a_resumed_sweep_equals_the_straight_ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa", "fedex"])
+@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa", "fedex", "flora"])
 def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
   from softjax.run import experiment
   from tests.support import make_config

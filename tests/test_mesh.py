@@ -337,7 +337,7 @@ def test_drift_control_state_runs_in_a_sharded_sweep(cache_dir, tmp_path, extra)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["fedsa", "fedex"])
+@pytest.mark.parametrize("rule", ["fedsa", "fedex", "flora"])
 def test_a_rules_state_on_a_padded_mesh_with_a_host_store_equals_one_device(cache_dir, tmp_path,
                                                                             rule):
   # FedSA-LoRA's per-client B, split along N on the mesh or kept on the host; FedEx-LoRA's

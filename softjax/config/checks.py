@@ -133,7 +133,7 @@ def _validate_rule(config: ml_collections.ConfigDict) -> None:
              ("method.reorthogonalize", m.reorthogonalize, m.reorthogonalize, "False"),
              ("fl.scaffold", config.fl.scaffold, config.fl.scaffold, "False"),
              ("server.optimizer", config.server.optimizer,
-              rule in ("fedsvd", "flexlora", "fedsa", "fedex")
+              rule in ("fedsvd", "flexlora", "fedsa", "fedex", "flora")
               and config.server.optimizer != "fedavg",
               "fedavg")]
   for field, value, clash, needed in clashes:

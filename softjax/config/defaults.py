@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.rlora_rescale = False  # RLoRA 1/O rescaling (turns its error feedback off)
   # Federated-LoRA aggregation rule (docs/algorithm.md 5): fedit (separate averaging) | ffa (A
   # frozen) | fedsa (A shared, B per client) | fedex (fedit + the residual folded into the
-  # frozen weights) | rolora (B, then A, by round) | fedsvd (A frozen, server SVD) | flexlora
+  # frozen weights) | flora (the mean product folded, the adapter restarted) | rolora (B, then A, by round) | fedsvd (A frozen, server SVD) | flexlora
   # (SVD of the mean product); other than fedit: method.name=dense, controller.name=fixed.
   c.method.rule = "fedit"
 

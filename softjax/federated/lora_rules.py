@@ -15,8 +15,8 @@ The per-layer functions compute the server's side. The last section says, for th
 can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a client trains in
 a round (FFA-LoRA and FedSVD: B only; RoLoRA: B, then A, by round) and how the server turns
 the received factors into the next global ones; the round applies both
-(federated/round.py), which also keeps FedSA-LoRA's per-client B and FedEx-LoRA's folds
-(`fold_update`). FLoRA and heterogeneous ranks are not selectable yet.
+(federated/round.py), which also keeps FedSA-LoRA's per-client B and the folds of FedEx-LoRA
+and FLoRA (`fold_update`). Heterogeneous ranks are not selectable yet.
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """
@@ -200,10 +200,17 @@ def server_update(rule: str, global_lora, sent, weights: jax.Array, averaged):
   return jax.tree.unflatten(treedef, out)
 
 
-def _fedex_aggregate(b: jax.Array, a: jax.Array, p: jax.Array, new: dict) -> LayerAggregate:
-  """FedEx-LoRA's layer result around the factors the server holds next (`new`, the separate
-  average): the fold [p_1 B_1 | ... | p_K B_K | -B'] @ [A_1; ...; A_K; A'] leaves nothing of
-  sum_k p_k B_k A_k, whatever rounding the average had."""
+FOLDING_RULES = ("fedex", "flora")  # the rules that fold into the frozen weights
+
+
+def _folding_aggregate(rule: str, b: jax.Array, a: jax.Array, p: jax.Array,
+                       new: dict) -> LayerAggregate:
+  """A folding rule's layer result around the factors the server holds next (`new`).
+  FedEx-LoRA (`new` the separate average): the fold [p_1 B_1 | ... | p_K B_K | -B'] @
+  [A_1; ...; A_K; A'], which leaves nothing of sum_k p_k B_k A_k whatever rounding the average
+  had. FLoRA (`new` the restarted adapter, B' = 0): the fold is the whole stacked product."""
+  if rule == "flora":
+    return flora(b, a, p, new["A"])
   left, right = _stacked(b, a, p)
   return LayerAggregate(B=new["B"], A=new["A"],
                         fold_left=jnp.concatenate([left, -new["B"]], axis=1),
@@ -214,39 +221,55 @@ def _is_fold(node) -> bool:
   return isinstance(node, dict) and set(node) == {"W"}
 
 
-def fold_update(global_lora, sent, weights: jax.Array, new_lora, folds):
-  """FedEx-LoRA's server side: each layer's fold (lora.zero_folds) grows by the residual
-  sum_k p_k B_k A_k - B' A' of this round, so that frozen + fold + B' A' is the exact average of
-  the clients' models. One d_out x d_in product per layer, on the server only."""
+def fold_update(rule: str, global_lora, sent, weights: jax.Array, new_lora, folds):
+  """A folding rule's server side: each layer's fold (lora.zero_folds) grows by
+  sum_k p_k B_k A_k - B' A' of this round (FedEx-LoRA: the residual of separate averaging;
+  FLoRA: with B' = 0, the whole mean product), so that frozen + fold + B' A' is the exact
+  average of the clients' models. One d_out x d_in product per layer, on the server only."""
   layers, _ = _received(global_lora, sent)
   new_pairs, _ = factor_pairs(new_lora)
   leaves, treedef = jax.tree.flatten(folds, is_leaf=_is_fold)
   out = []
   for fold, (b, a), new in zip(leaves, layers, new_pairs):
-    result = _fedex_aggregate(b, a, weights, new)
+    result = _folding_aggregate(rule, b, a, weights, new)
     out.append({"W": fold["W"] + jnp.matmul(result.fold_left, result.fold_right,
                                             precision=_HI)})
   return jax.tree.unflatten(treedef, out)
 
 
-def fold_downlink_values(global_lora, senders: jax.Array) -> jax.Array:
-  """Values FedEx-LoRA's factored fold adds to the broadcast: per layer (d_out + d_in) j with
-  j = r (senders + 1) columns (the senders' B_k and -B'; a client whose upload was lost adds a
-  zero column, which is not sent), and nothing when no upload arrived."""
+def fold_downlink_values(rule: str, global_lora, senders: jax.Array) -> jax.Array:
+  """Values a factored fold adds to the broadcast: per layer (d_out + d_in) j, with j = r
+  senders columns for FLoRA (the senders' p_k B_k and A_k) and r (senders + 1) for FedEx-LoRA
+  (also -B' and A'); a client whose upload was lost adds a zero column, which is not sent, and
+  nothing is sent when no upload arrived. [choice] FLoRA's fresh A is drawn from the round's
+  key, which clients share, so it costs no bits."""
   pairs, _ = factor_pairs(global_lora)
   per_column = sum((p["B"].shape[0] + p["A"].shape[1]) * p["B"].shape[1] for p in pairs)
-  return (per_column * (senders + (senders > 0))).astype(jnp.int32)
+  columns = senders if rule == "flora" else senders + (senders > 0)
+  return (per_column * columns).astype(jnp.int32)
 
 
-def rule_error(global_lora, sent, weights: jax.Array, new_lora, fold: bool = False) -> jax.Array:
+def restarted(lora, key: jax.Array):
+  """FLoRA's adapter after a fold: B = 0 and a fresh Gaussian A (std 1/sqrt(d_in), the LoRA
+  initialization of ALGORITHM.md 1), one key per layer folded from `key`."""
+  pairs, treedef = factor_pairs(lora)
+  out = []
+  for i, pair in enumerate(pairs):
+    r, d_in = pair["A"].shape
+    a = jax.random.normal(jax.random.fold_in(key, i), (r, d_in), pair["A"].dtype)
+    out.append({"A": a / jnp.sqrt(jnp.float32(d_in)), "B": jnp.zeros_like(pair["B"])})
+  return jax.tree.unflatten(treedef, out)
+
+
+def rule_error(rule: str, global_lora, sent, weights: jax.Array, new_lora) -> jax.Array:
   """Sum over layers of `aggregation_error` of the new global factors (the rule's
-  covariance-term analogue: what it leaves of sum_k p_k B_k A_k); with `fold`, of the factors
-  plus FedEx-LoRA's fold of this round."""
+  covariance-term analogue: what it leaves of sum_k p_k B_k A_k); for a folding rule, of the
+  factors plus this round's fold."""
   layers, _ = _received(global_lora, sent)
   new_pairs, _ = factor_pairs(new_lora)
   total = jnp.zeros((), jnp.float32)
   for (b, a), new in zip(layers, new_pairs):
-    result = (_fedex_aggregate(b, a, weights, new) if fold
+    result = (_folding_aggregate(rule, b, a, weights, new) if rule in FOLDING_RULES
               else LayerAggregate(B=new["B"], A=new["A"]))
     total = total + aggregation_error(b, a, weights, result)
   return total

@@ -67,7 +67,7 @@ class RoundPhases:
   """The three phases of a round; placement decides where `clients` runs."""
   clients: ClientsFn
   server: Callable  # (state, glob, uploads, head_deltas, ids, valid, received, data_counts,
-  #                   new_controls)
+  #                   new_controls, round_key)
   metrics: Callable  # (glob, lora, uploads, losses, valid, received, weights, data_counts, link)
   error_feedback: bool
   scaffold: bool = False
@@ -106,10 +106,11 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     prox_mu: FedProx's proximal weight on the clients (0: off).
     scaffold: SCAFFOLD's control variates (client SGD only); the state must hold them
       (`init_state(..., scaffold=True)`), and each client also uploads its control delta.
-    rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, fedsa, rolora,
-      fedsvd, flexlora): which factors clients train each round and how the server re-forms
+    rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, fedsa, fedex, flora,
+      rolora, fedsvd, flexlora): which factors clients train each round and how the server re-forms
       them; other than fedit, dense uploads only. fedsa needs the state's client_factors
-      (`init_state(..., personal_b=True)`), fedex its folds (`init_state(..., fold=True)`).
+      (`init_state(..., personal_b=True)`), fedex and flora their folds
+      (`init_state(..., fold=True)`).
     host_store: the state's residuals and client controls are the K sampled clients' rows,
       gathered by the host (federated/client_store.py), not all N clients'; with
       `reorthogonalize` the metrics carry the round's change of basis, for the rows left on
@@ -134,7 +135,7 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
   if rule != "fedit" and (method.name != "dense" or reorthogonalize or scaffold):
     raise ValueError(f"aggregation rule {rule} runs with dense uploads only, without "
                      "re-orthogonalization or SCAFFOLD")
-  if rule in ("fedsvd", "flexlora", "fedsa", "fedex") and server_optimizer is not None:
+  if rule in ("fedsvd", "flexlora", "fedsa", "fedex", "flora") and server_optimizer is not None:
     raise ValueError(f"aggregation rule {rule} re-factorizes; a server optimizer's moments "
                      "would not follow")
 
@@ -194,6 +195,11 @@ def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
   return jnp.round((1.0 - mask[0]) * b_values + (1.0 - mask[1]) * a_values).astype(jnp.int32)
 
 
+# FLoRA's restart key is fold_in(round key, RESTART_STREAM): a value no client id reaches, so it
+# never equals a client's key of the same round.
+RESTART_STREAM = 2**31 - 1
+
+
 def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
                   server_optimizer: optax.GradientTransformation | None = None,
                   scaffold: bool = False, rule: str = "fedit", num_clients: int = 0,
@@ -202,16 +208,19 @@ def _server_phase(method: sparsifiers.Sparsifier, reorthogonalize: bool = False,
   residual store (ALGORITHM.md 2.4, 3) and SCAFFOLD's control variates."""
 
   def server(state, glob, uploads, head_deltas, rows, valid, received, data_counts,
-             new_controls=None):
+             new_controls=None, round_key=None):
     """The next global factors, head and residual store; the aggregation weights; and the
-    re-orthogonalization's bases (() without it). `rows` [C] index the per-client stores."""
+    re-orthogonalization's bases (() without it). `rows` [C] index the per-client stores;
+    `round_key` seeds FLoRA's restarted adapter."""
     # A lost upload (E6 dropout) weighs nothing; the others are renormalized among themselves.
     weights = aggregation_weights(data_counts * received)
     lora = method.aggregate(glob.lora, uploads.sent, uploads.support, weights)
     lora = lora_rules.server_update(rule, glob.lora, uploads.sent, weights, lora)
     client_factors, folded = state.client_factors, state.folded
-    if rule == "fedex":
-      folded = lora_rules.fold_update(glob.lora, uploads.sent, weights, lora, folded)
+    if rule == "flora":  # the adapter restarts from a key every client can draw too
+      lora = lora_rules.restarted(lora, jax.random.fold_in(round_key, RESTART_STREAM))
+    if rule in lora_rules.FOLDING_RULES:
+      folded = lora_rules.fold_update(rule, glob.lora, uploads.sent, weights, lora, folded)
     if personal_b:
       lora, client_factors = _personal_b(state, glob.lora, lora, uploads.sent, rows, valid,
                                          num_clients)
@@ -298,13 +307,13 @@ def _metrics_phase(method: sparsifiers.Sparsifier, value_bits: int, head_params:
     zero = jnp.zeros((), jnp.float32)
     cov, gap, energy = zero, zero, zero
     downlink = jnp.zeros((), jnp.int32)
-    if rule == "fedex":  # the fold is broadcast factored, beside the factors
-      downlink = value_bits * lora_rules.fold_downlink_values(glob.lora, jnp.sum(received > 0))
+    if rule in lora_rules.FOLDING_RULES:  # the fold is broadcast factored, beside the factors
+      downlink = value_bits * lora_rules.fold_downlink_values(rule, glob.lora,
+                                                              jnp.sum(received > 0))
     if method.factor_upload:
       # What the rule's new factors leave of sum_k p_k B_k A_k (fedit: the covariance term).
       cov = (covariance_diagnostic(glob.lora, uploads.sent, weights) if rule == "fedit"
-             else lora_rules.rule_error(glob.lora, uploads.sent, weights, lora,
-                                        fold=rule == "fedex"))
+             else lora_rules.rule_error(rule, glob.lora, uploads.sent, weights, lora))
       gap, energy = client_score_diagnostics(glob.lora, uploads.sent, uploads.residual, valid)
     # Every sampled client trained, whether or not its upload arrived, so the reported loss
     # weighs them all by data size (a round whose uploads were all lost still has a loss).
@@ -363,7 +372,7 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     data_counts = data.counts[client_ids]
     received = valid if hparams.uplink is None else hparams.uplink.received * valid
     new_state, weights, bases = phases.server(state, glob, uploads, head_deltas, rows, valid,
-                                              received, data_counts, new_controls)
+                                              received, data_counts, new_controls, round_key)
     if own_b is not None:
       # The diagnostics read each client's factors as global + sent: FedSA's start from their own
       # B, not the global one.

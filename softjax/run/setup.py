@@ -24,7 +24,7 @@ from softjax.data import layout as layout_lib
 from softjax.data import partition as partition_lib
 from softjax.data import sources
 from softjax.errors import ConfigError
-from softjax.federated import placement, server_opt
+from softjax.federated import lora_rules, placement, server_opt
 from softjax.federated import types as fl_types
 from softjax.models import apply as apply_lib
 from softjax.models import backbone as backbone_lib
@@ -295,7 +295,7 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
       lora, shared.head, rows, shared.sparsifier.error_feedback,
       server_opt=() if tx is None else tx.init(fl_types.Trainable(lora=lora, head=shared.head)),
       scaffold=config.fl.scaffold, personal_b=config.method.rule == "fedsa",
-      fold=config.method.rule == "fedex")
+      fold=config.method.rule in lora_rules.FOLDING_RULES)
   member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
                   controller=make_controller(config, uplink, lora, shared.head_params),
