@@ -303,32 +303,49 @@ def test_a_fold_in_the_frozen_kernels_is_the_adapter_product():
   chex.assert_shape(jax.tree.leaves(zeros)[0], (16, 16))  # [d_out, d_in] of query (2 x 8 heads)
 
 
-def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
+def _folding_reference(rule, init, setup, lr, rounds=((1, 3), (0, 1))):
+  """(trainable, folds) after `rounds` of a folding rule, as a loop of client updates: clients
+  train on frozen + folds; FedEx-LoRA folds sum p_k B_k A_k - Bbar Abar and keeps the averages,
+  FLoRA folds sum p_k B_k A_k and restarts the adapter (B = 0, a fresh A); heads averaged."""
   from softjax.federated import client as client_lib
+  from softjax.federated import round as round_lib
   from softjax.federated import types as fl_types
   from softjax.models import lora as lora_lib
 
-  lr = 0.5  # clients that move apart, so that the residual (up to 0.2 here) is far above rounding
-  first, _, init, (apply_fn, frozen, data) = _round("fedex", lr=lr)
-  second, metrics, _, _ = _round("fedex", state=first, clients=(0, 1), lr=lr)
+  apply_fn, frozen, data = setup
   update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
                                                 batch_size=4))
-  # The reference: FedIT's averages, and each round W += sum p_k B_k A_k - Bbar Abar, which the
-  # next round's clients train on.
+  is_leaf = lambda n: lora_lib.is_factor_pair(n) or set(n) == {"W"}  # noqa: E731
   glob, folds = init.trainable, lora_lib.zero_folds(init.trainable.lora)
-  for t, clients in enumerate(((1, 3), (0, 1))):
+  for t, clients in enumerate(rounds):
     round_key = jax.random.fold_in(jax.random.key(2), t)
     counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
     p = counts / counts.sum()
     frozen_now = lora_lib.fold_into(frozen, folds, TINY_SCALE)
     locals_ = [update(glob, frozen_now, data, jnp.int32(k), jax.random.fold_in(round_key, k),
                       fl_types.make_hparams(lr))[0] for k in clients]
-    glob = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)), *locals_)
+    mean = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)), *locals_)
+    held = mean.lora if rule == "fedex" else rules.restarted(
+        glob.lora, jax.random.fold_in(round_key, round_lib.RESTART_STREAM))
     folds = jax.tree.map(
-        lambda f, mean, *pairs: {"W": f["W"] + sum(pk * q["B"] @ q["A"] for pk, q in zip(p, pairs))
-                                 - mean["B"] @ mean["A"]},
-        folds, glob.lora, *[x.lora for x in locals_],
-        is_leaf=lambda n: lora_lib.is_factor_pair(n) or set(n) == {"W"})
+        lambda f, h, *pairs: {"W": f["W"] + sum(pk * q["B"] @ q["A"] for pk, q in zip(p, pairs))
+                              - h["B"] @ h["A"]},
+        folds, held, *[x.lora for x in locals_], is_leaf=is_leaf)
+    glob = fl_types.Trainable(lora=held, head=mean.head)
+  return glob, folds
+
+
+def _fold_columns_bits(lora, columns):
+  """Bits of a factored fold of `columns` r-column blocks a layer, at 32 bits a value."""
+  per_block = sum((q["B"].shape[0] + q["A"].shape[1]) * q["B"].shape[1] for q in _pairs(lora))
+  return 32 * columns * per_block
+
+
+def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
+  lr = 0.5  # clients that move apart, so that the residual (up to 0.2 here) is far above rounding
+  first, _, init, setup = _round("fedex", lr=lr)
+  second, metrics, _, _ = _round("fedex", state=first, clients=(0, 1), lr=lr)
+  glob, folds = _folding_reference("fedex", init, setup, lr)
   chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
   chex.assert_trees_all_close(second.folded, folds, atol=1e-6)
   assert float(jnp.abs(jax.tree.leaves(folds)[0]).max()) > 1e-4  # a real residual was folded
@@ -337,42 +354,15 @@ def test_fedex_round_folds_the_exact_residual_over_a_client_loop():
                                 lr=lr)
   assert float(metrics.cov_term) < 1e-3 * float(fedit_metrics.cov_term)
   # The fold is broadcast as [p_1 B_1 | p_2 B_2 | -Bbar] [A_1; A_2; Abar]: 3 r columns a layer.
-  per_column = sum((q["B"].shape[0] + q["A"].shape[1]) * q["B"].shape[1]
-                   for q in _pairs(init.trainable.lora))
-  assert int(metrics.downlink_bits) == 32 * 3 * per_column
+  assert int(metrics.downlink_bits) == _fold_columns_bits(init.trainable.lora, 3)
   assert int(fedit_metrics.downlink_bits) == 0
 
 
 def test_flora_round_folds_the_mean_product_and_restarts_the_adapter_over_a_client_loop():
-  from softjax.federated import client as client_lib
-  from softjax.federated import round as round_lib
-  from softjax.federated import types as fl_types
-  from softjax.models import lora as lora_lib
-
   lr = 0.5
-  first, _, init, (apply_fn, frozen, data) = _round("flora", lr=lr)
+  first, _, init, setup = _round("flora", lr=lr)
   second, metrics, _, _ = _round("flora", state=first, clients=(0, 1), lr=lr)
-  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
-                                                batch_size=4))
-  # The reference: each round W += sum p_k B_k A_k (the whole mean product), then the adapter
-  # restarts at B = 0 and a fresh A; the head is averaged.
-  glob, folds = init.trainable, lora_lib.zero_folds(init.trainable.lora)
-  for t, clients in enumerate(((1, 3), (0, 1))):
-    round_key = jax.random.fold_in(jax.random.key(2), t)
-    counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
-    p = counts / counts.sum()
-    frozen_now = lora_lib.fold_into(frozen, folds, TINY_SCALE)
-    locals_ = [update(glob, frozen_now, data, jnp.int32(k), jax.random.fold_in(round_key, k),
-                      fl_types.make_hparams(lr))[0] for k in clients]
-    folds = jax.tree.map(
-        lambda f, *pairs: {"W": f["W"] + sum(pk * q["B"] @ q["A"] for pk, q in zip(p, pairs))},
-        folds, *[x.lora for x in locals_],
-        is_leaf=lambda n: lora_lib.is_factor_pair(n) or set(n) == {"W"})
-    head = jax.tree.map(lambda *xs: sum(pk * x for pk, x in zip(p, xs)),
-                        *[x.head for x in locals_])
-    fresh = rules.restarted(glob.lora,
-                            jax.random.fold_in(round_key, round_lib.RESTART_STREAM))
-    glob = fl_types.Trainable(lora=fresh, head=head)
+  glob, folds = _folding_reference("flora", init, setup, lr)
   chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
   chex.assert_trees_all_close(second.folded, folds, atol=1e-6)
   for old, new in zip(_pairs(first.trainable.lora), _pairs(second.trainable.lora)):
@@ -382,9 +372,7 @@ def test_flora_round_folds_the_mean_product_and_restarts_the_adapter_over_a_clie
                                 rtol=0.35)
   assert float(metrics.cov_term) < 1e-4  # the fold is the exact mean product
   # The fold is broadcast as [p_1 B_1 | p_2 B_2] [A_1; A_2]: 2 r columns a layer.
-  per_column = sum((q["B"].shape[0] + q["A"].shape[1]) * q["B"].shape[1]
-                   for q in _pairs(init.trainable.lora))
-  assert int(metrics.downlink_bits) == 32 * 2 * per_column
+  assert int(metrics.downlink_bits) == _fold_columns_bits(init.trainable.lora, 2)
 
 
 @pytest.mark.parametrize("overrides, line", [
