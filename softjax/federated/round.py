@@ -365,7 +365,7 @@ def assemble(phases: RoundPhases, runner: ClientsRunner = on_one_device):
     if phases.rule != "fedit":
       scalars = scalars._replace(factor_mask=lora_rules.trained_factors(phases.rule,
                                                                         state.round))
-    # FedEx-LoRA: clients train on the frozen weights with every fold so far (a no-op if none).
+    # FedEx-LoRA, FLoRA: clients train on the frozen weights with every fold so far (none: no-op).
     frozen = lora_lib.fold_into(frozen, state.folded, phases.adapter_scale)
     uploads, head_deltas, losses, new_controls = run_clients(
         glob, frozen, data, scalars, client_ids, keys, (residuals, corrections, own_b))
