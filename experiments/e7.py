@@ -1,7 +1,8 @@
 """E7: the federated-LoRA aggregation rules and SOFT at one rank, as seeded runs.
 
-Every rule a run can select (`method.rule`: FedIT separate averaging, FFA-LoRA, RoLoRA,
-FedSVD, FlexLoRA) with dense uploads under the fixed controller, SOFT at O = 0.5 under the
+Every rule a run can select (`method.rule`: FedIT separate averaging, FFA-LoRA, FedSA-LoRA,
+FedEx-LoRA, FLoRA, RoLoRA, FedSVD, FlexLoRA, HetLoRA at ranks 2/4/8) with dense uploads under
+the fixed controller, SOFT at O = 0.5 under the
 fixed controller, and SOFT under TSFA. Compared at equal rounds (final accuracy), at an equal
 uplink (each run's accuracy at the last evaluation within the cheapest run's mean total) and
 by the aggregation error each leaves (`cov_term`, the mean over the last rounds). The rules
@@ -25,12 +26,17 @@ from softjax.config import choices
 
 RANK = 8
 KEEP_RATIO = 0.5
+# [choice] HetLoRA's clients at ranks 2, 4 and 8 in turn (r_max = RANK): a third of them at
+# each, the spread of device classes its paper studies.
+HETLORA_RANKS = "2,4,8"
 
 
 def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
   config = e1_config.get_config(f"method=dense,rank={RANK},scale={scale},keep_ratio=1.0,"
                                 f"rounds={rounds},checkpoint={checkpoint}").unlock()
   config.method.rule = rule
+  if rule == "hetlora":
+    config.method.client_ranks = HETLORA_RANKS
   return config.lock()
 
 

@@ -48,6 +48,10 @@ SOFT_DIAGNOSTICS = ("orth_residual_B", "orth_residual_A", "score_gap", "dropped_
 # Config fields that decide where a run executes or what it writes, not its numbers.
 _NOT_RESULTS = ("checkpoint", "metrics", "mesh", "data.data_dir", "model.cache_dir",
                 "fl.client_parallelism", "fl.client_store", "seed", "sweep.seed")
+# Config fields added after runs were recorded, with the default that reproduces the runs made
+# before them: at that default a field is left out of the fingerprint, so adding a field does
+# not orphan every committed summary; set to anything else, it is part of the identity.
+_ADDED_FIELDS = {"method.client_ranks": ""}
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:
@@ -113,14 +117,16 @@ def _members(summary: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-  """A short sha256 of the config less `_NOT_RESULTS` (seeds are checked on their own)."""
+  """A short sha256 of the config less `_NOT_RESULTS` and the `_ADDED_FIELDS` at their
+  defaults (seeds are checked on their own)."""
   tree = config.to_dict()
-  for key in _NOT_RESULTS:
+  for key in _NOT_RESULTS + tuple(_ADDED_FIELDS):
     *parents, leaf = key.split(".")
     node = tree
     for parent in parents:
       node = node.get(parent, {})
-    node.pop(leaf, None)
+    if key in _NOT_RESULTS or node.get(leaf) == _ADDED_FIELDS[key]:
+      node.pop(leaf, None)
   return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -107,9 +107,11 @@ def test_hetlora_pads_averages_and_truncates():
   # Client 0 has rank 1: its second column of B and row of A count as zero.
   chex.assert_trees_all_close(out.B, jnp.array([[1.0, 0.5], [1.0, 0.5]]))
   chex.assert_trees_all_close(out.A, jnp.array([[1.0, 1.0], [0.5, 0.5]]))
-  low_b, low_a = rules.truncate(out.B, out.A, jnp.array(1))
-  chex.assert_trees_all_close((low_b, low_a), (jnp.array([[1.0, 0.0], [1.0, 0.0]]),
-                                               jnp.array([[1.0, 1.0], [0.0, 0.0]])))
+  keep = rules.client_rank_keep((2, 1), jnp.int32(3), 2)  # client 3: ranks[3 mod 2] = 1
+  chex.assert_trees_all_equal(keep, jnp.array([1.0, 0.0]))
+  low = rules.truncated({"q": {"A": out.A, "B": out.B}}, keep)["q"]
+  chex.assert_trees_all_close((low["B"], low["A"]), (jnp.array([[1.0, 0.0], [1.0, 0.0]]),
+                                                     jnp.array([[1.0, 1.0], [0.0, 0.0]])))
 
 
 @pytest.mark.parametrize("name", ["fedit", "fedex", "flora", "flexlora", "fedsvd", "fedsa"])
@@ -141,15 +143,19 @@ def test_aggregation_error_matches_dense_products(name):
 TINY_SCALE = 4.0 / 4  # tiny_setup's alpha / r
 
 
-def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2):
+HET_RANKS = (4, 1, 2)  # HetLoRA's client ranks in the round tests: client k gets HET_RANKS[k % 3]
+
+
+def _round(rule, state=None, clients=(1, 3), lr=0.05, steps=2, parallelism=1):
   from softjax.federated import round as round_lib
   from softjax.federated import types as fl_types
   from tests.support import tiny_setup
 
   apply_fn, frozen, init, data = tiny_setup()
-  round_fn = jax.jit(round_lib.make_round(apply_fn, optimizer="sgd", local_steps=steps,
-                                          batch_size=4, client_parallelism=1, rule=rule,
-                                          adapter_scale=TINY_SCALE))
+  round_fn = jax.jit(round_lib.make_round(
+      apply_fn, optimizer="sgd", local_steps=steps, batch_size=4,
+      client_parallelism=parallelism, rule=rule, adapter_scale=TINY_SCALE,
+      client_ranks=HET_RANKS if rule == "hetlora" else ()))
   if rule in ("fedsa", "fedex", "flora"):  # FedSA: every client's own B; the others: folds
     init = fl_types.init_state(init.trainable.lora, init.trainable.head, num_clients=4,
                                error_feedback=False, personal_b=rule == "fedsa",
@@ -272,6 +278,59 @@ def test_fedsa_round_keeps_each_clients_b_and_averages_a_over_a_client_loop():
   assert float(metrics.cov_term) > 0  # personal B: the mean model is not the mean product
 
 
+@pytest.mark.parametrize("parallelism", [1, 2], ids=["sequential", "vmapped"])
+def test_hetlora_round_trains_each_client_at_its_rank_over_a_client_loop(parallelism):
+  from softjax.federated import client as client_lib
+  from softjax.federated import types as fl_types
+
+  first, _, init, (apply_fn, frozen, data) = _round("hetlora", parallelism=parallelism)
+  second, metrics, _, _ = _round("hetlora", state=first, clients=(0, 1),
+                                 parallelism=parallelism)
+  update = jax.jit(client_lib.make_client_update(apply_fn, optimizer="sgd", local_steps=2,
+                                                batch_size=4))
+  # The reference: client k trains the global factors truncated to its rank with the gradients
+  # beyond it masked; the server averages the zero-padded factors (rules.hetlora) and the heads.
+  glob = init.trainable
+  r = _pairs(glob.lora)[0]["B"].shape[1]
+  for t, clients in enumerate(((1, 3), (0, 1))):
+    round_key = jax.random.fold_in(jax.random.key(2), t)
+    counts = np.asarray(data.counts)[list(clients)].astype(np.float64)
+    p = jnp.asarray(counts / counts.sum(), jnp.float32)
+    ranks = jnp.array([HET_RANKS[k % 3] for k in clients])
+    locals_ = []
+    for k, rank in zip(clients, ranks):
+      keep = (jnp.arange(r) < rank).astype(jnp.float32)
+      start = glob._replace(lora=jax.tree.map(
+          lambda pair: {"A": pair["A"] * keep[:, None], "B": pair["B"] * keep[None, :]},
+          glob.lora, is_leaf=lambda n: isinstance(n, dict) and set(n) == {"A", "B"}))
+      hp = fl_types.make_hparams(0.05)._replace(factor_mask=jnp.stack([keep, keep]))
+      local, _ = update(start, frozen, data, jnp.int32(k), jax.random.fold_in(round_key, k), hp)
+      for q in _pairs(local.lora):  # nothing trained beyond the client's rank
+        assert float(jnp.abs(q["B"][:, int(rank):]).max(initial=0.0)) == 0.0
+        assert float(jnp.abs(q["A"][int(rank):]).max(initial=0.0)) == 0.0
+      locals_.append(local)
+    layers = [rules.hetlora(jnp.stack([q["B"] for q in ks]), jnp.stack([q["A"] for q in ks]),
+                            p, ranks) for ks in zip(*(_pairs(x.lora) for x in locals_))]
+    want_error = sum(float(rules.aggregation_error(jnp.stack([q["B"] for q in ks]),
+                                                   jnp.stack([q["A"] for q in ks]), p, out))
+                     for ks, out in zip(zip(*(_pairs(x.lora) for x in locals_)), layers))
+    lora = jax.tree.unflatten(jax.tree.structure(glob.lora, is_leaf=lambda n: isinstance(
+        n, dict) and set(n) == {"A", "B"}), [{"A": o.A, "B": o.B} for o in layers])
+    head = jax.tree.map(lambda *hs: sum(pk * h for pk, h in zip(p, hs)),
+                        *[x.head for x in locals_])
+    glob = fl_types.Trainable(lora=lora, head=head)
+  chex.assert_trees_all_close(second.trainable, glob, atol=1e-6)
+  # Ranks 4 and 1 this round: the rank-1 client sends 1 of r components' values of B and A.
+  _, dense, *_ = _round("fedit", state=first, clients=(0, 1))
+  per_component = sum(q["B"].shape[0] + q["A"].shape[1] for q in _pairs(init.trainable.lora))
+  chex.assert_trees_all_equal(metrics.client_bits, dense.client_bits
+                              - 32 * jnp.array([0, (r - 1) * per_component]))
+  # The error left is the covariance term of the padded factors (the rank-1 client's missing
+  # components count as zero in the average).
+  assert float(metrics.cov_term) == pytest.approx(want_error, rel=1e-4)
+  assert want_error > 0
+
+
 def test_a_fold_in_the_frozen_kernels_is_the_adapter_product():
   from softjax.models import lora as lora_lib
   from tests.support import tiny_setup
@@ -388,7 +447,14 @@ def test_flora_round_folds_the_mean_product_and_restarts_the_adapter_over_a_clie
      "method.rule.*fedex.*server.optimizer=fedavgm"),
     ({"method.rule": "flora", "server.optimizer": "fedadam"},
      "method.rule.*flora.*server.optimizer=fedadam"),
-    ({"method.rule": "hetlora"}, "method.rule.*must be one of fedit"),
+    ({"method.rule": "hetlora"}, "method.client_ranks.*with method.rule = 'hetlora'"),
+    ({"method.rule": "fedit", "method.client_ranks": "2,4"},
+     "method.client_ranks.*'' with any other rule.*'fedit'"),
+    ({"method.rule": "hetlora", "method.client_ranks": "2,16"},
+     r"method.client_ranks.*ranks in \[1, lora.rank = 8\]"),
+    ({"method.rule": "hetlora", "method.client_ranks": "two"}, "method.client_ranks"),
+    ({"method.rule": "hetlora", "method.client_ranks": "2,8", "method.name": "soft"},
+     "method.rule.*hetlora.*method.name=soft"),
 ])
 def test_rule_combinations_it_cannot_run_are_refused(overrides, line):
   from softjax import config as config_lib
@@ -418,12 +484,14 @@ def test_fedex_folds_are_checkpointed_and_a_resumed_sweep_equals_the_straight_ru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa", "fedex", "flora"])
+@pytest.mark.parametrize("rule", ["rolora", "flexlora", "fedsa", "fedex", "flora", "hetlora"])
 def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
   from softjax.run import experiment
   from tests.support import make_config
 
-  summary = experiment.run(make_config(cache_dir, **{"method.rule": rule}), str(tmp_path))
+  ranks = {"method.client_ranks": "1,2"} if rule == "hetlora" else {}
+  summary = experiment.run(make_config(cache_dir, **{"method.rule": rule}, **ranks),
+                           str(tmp_path))
   assert summary["round_traces"] == 1  # RoLoRA's alternation is traced, not recompiled
   assert all(np.isfinite(r["train_loss"]) for r in summary["rows"])
   assert summary["final_accuracy"] is not None

@@ -337,15 +337,17 @@ def test_drift_control_state_runs_in_a_sharded_sweep(cache_dir, tmp_path, extra)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["fedsa", "fedex", "flora"])
+@pytest.mark.parametrize("rule", ["fedsa", "fedex", "flora", "hetlora"])
 def test_a_rules_state_on_a_padded_mesh_with_a_host_store_equals_one_device(cache_dir, tmp_path,
                                                                             rule):
   # FedSA-LoRA's per-client B, split along N on the mesh or kept on the host; FedEx-LoRA's
-  # folds, replicated (its padded slots must fold nothing).
+  # folds, replicated (its padded slots must fold nothing); HetLoRA's ranks follow the client
+  # id, not its slot.
   from softjax.run import experiment
 
   dense = {"method.name": "dense", "method.keep_ratio": 1.0, "method.zeta": 0.0,
-           "controller.name": "fixed", "method.rule": rule}
+           "controller.name": "fixed", "method.rule": rule,
+           "method.client_ranks": "1,3,2" if rule == "hetlora" else ""}
   want = experiment.run(run_config(cache_dir, **dense), str(tmp_path / "one"))
   for name, extra in (("mesh", {"mesh.devices": 4}),
                       ("host", {"mesh.devices": 4, "fl.client_store": "host"})):

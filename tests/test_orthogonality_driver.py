@@ -156,6 +156,29 @@ def test_a_summary_of_another_run_is_refused_in_one_line(tmp_path, monkeypatch, 
   _stored_run(tmp_path, config, **change)
   with pytest.raises(errors.UserError, match=f"dense_r8.json {line}.*delete it"):
     seeded.run("dense_r8", config, [0, 1], str(tmp_path), str(tmp_path), fields)
+  # A field added after the runs were recorded counts only once it leaves its default.
+  older = copy.deepcopy(config).unlock()
+  del older.method["client_ranks"]
+  assert seeded.fingerprint(older) == seeded.fingerprint(config)
+  moved.method.client_ranks = "2,4"
+  assert seeded.fingerprint(moved) != seeded.fingerprint(config)
+  moved.method.client_ranks = ""
   # A change of what decides the numbers changes the fingerprint.
   moved.fl.client_lr = 0.05
   assert seeded.fingerprint(moved) != seeded.fingerprint(config)
+
+
+def test_the_committed_e7_summaries_match_the_configs_that_would_rerun_them():
+  # A config field added later must not orphan the committed runs (seeded._ADDED_FIELDS).
+  from experiments import e7
+
+  root = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "runs")
+  checked = 0
+  for rule in e7.choices.AGGREGATION_RULES:
+    path = os.path.join(root, f"e7_{rule}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        stored = json.load(f)["config_sha256"]
+      assert stored == seeded.fingerprint(e7._rule_config(rule, "cpu", 80, "ViT-B_16.npz")), rule
+      checked += 1
+  assert checked >= 5

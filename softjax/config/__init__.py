@@ -5,6 +5,7 @@ the library may read its choice lists.
 """
 
 from softjax.config.checks import (
+    client_ranks,
     rank_candidates,
     validate,
     validate_against_data,
@@ -28,7 +29,8 @@ from softjax.config.files import (
 from softjax.errors import ConfigError, ConfigFileError
 
 __all__ = [
-    "ConfigError", "ConfigFileError", "RESUMABLE_FIELDS", "base_config", "flat_items",
+    "ConfigError", "ConfigFileError", "RESUMABLE_FIELDS", "base_config", "client_ranks",
+    "flat_items",
     "load", "lora_targets", "metrics_writers", "parse_arg", "partition_seed", "rank_candidates",
     "require_config_file", "resume_conflicts",
     "validate", "validate_against_data", "validate_against_model", "validate_mesh_devices",

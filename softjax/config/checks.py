@@ -122,9 +122,14 @@ def _validate_server(config: ml_collections.ConfigDict) -> None:
 
 def _validate_rule(config: ml_collections.ConfigDict) -> None:
   """An aggregation rule other than fedit runs with dense uploads under the fixed controller,
-  without re-orthogonalization or SCAFFOLD; a re-factorizing one without a server optimizer."""
+  without re-orthogonalization or SCAFFOLD; a re-factorizing one without a server optimizer;
+  hetlora, and only hetlora, with client ranks."""
   rule, m = config.method.rule, config.method
   rules.choice("method.rule", rule, choices.AGGREGATION_RULES)
+  ranks = client_ranks(config)
+  rules.check(bool(ranks) == (rule == "hetlora"), "method.client_ranks", m.client_ranks,
+              "must be a comma list of client ranks with method.rule = 'hetlora' (e.g. "
+              f"'2,4,{config.lora.rank}'), and '' with any other rule (it is {rule!r})")
   if rule == "fedit":
     return
   clashes = [("method.name", m.name, m.name != "dense", "dense"),
@@ -244,6 +249,21 @@ def rank_candidates(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     ranks = ()
   rules.check(bool(ranks) and ranks[0] >= 1, "controller.rank_candidates",
               config.controller.rank_candidates, "must be a comma list of ranks >= 1, e.g. '1,2,4,8'")
+  return ranks
+
+
+def client_ranks(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """HetLoRA's client ranks, parsed from method.client_ranks in the order given (client k
+  trains at the (k mod len)-th); () when the field is empty."""
+  raw = str(config.method.client_ranks).strip()
+  try:
+    ranks = tuple(int(r) for r in raw.split(",") if r.strip())
+  except ValueError:
+    ranks = ()
+  rank = config.lora.rank
+  rules.check(not raw or (bool(ranks) and all(1 <= r <= rank for r in ranks)),
+              "method.client_ranks", config.method.client_ranks,
+              f"must be a comma list of ranks in [1, lora.rank = {rank}], e.g. '2,4,{rank}'")
   return ranks
 
 

@@ -22,7 +22,8 @@ LORA_TARGETS = ("query", "key", "value", "out", "mlp")
 METHODS = ("dense", "soft", "tlora", "rlora", "slora")
 # Federated-LoRA aggregation rules a run can select (federated/lora_rules.py); fedit is the
 # separate averaging every method uses.
-AGGREGATION_RULES = ("fedit", "ffa", "fedsa", "fedex", "flora", "rolora", "fedsvd", "flexlora")
+AGGREGATION_RULES = ("fedit", "ffa", "fedsa", "fedex", "flora", "rolora", "fedsvd", "flexlora",
+                     "hetlora")
 AGGREGATIONS = ("all", "senders")  # ALGORITHM.md 3: missing components count as zero [choice]
 ERROR_FEEDBACK_METHODS = ("soft", "tlora", "rlora")
 PENALTY_KINDS = ("offdiag", "identity", "normalized")

@@ -68,9 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.method.rlora_rescale = False  # RLoRA 1/O rescaling (turns its error feedback off)
   # Federated-LoRA aggregation rule (docs/algorithm.md 5): fedit (separate averaging) | ffa (A
   # frozen) | fedsa (A shared, B per client) | fedex (fedit + the residual folded into the
-  # frozen weights) | flora (the mean product folded, the adapter restarted) | rolora (B, then A, by round) | fedsvd (A frozen, server SVD) | flexlora
-  # (SVD of the mean product); other than fedit: method.name=dense, controller.name=fixed.
+  # frozen weights) | flora (the mean product folded, the adapter restarted) | rolora (B, then A,
+  # by round) | fedsvd (A frozen, server SVD) | flexlora (SVD of the mean product) | hetlora
+  # (per-client ranks, method.client_ranks); other than fedit: method.name=dense,
+  # controller.name=fixed.
   c.method.rule = "fedit"
+  # hetlora: comma list of client ranks, each in [1, lora.rank]; client k trains at the
+  # (k mod len)-th of them [choice], e.g. "2,4,8"; "" for every other rule.
+  c.method.client_ranks = ""
 
   c.fl = ml_collections.ConfigDict()
   c.fl.num_clients = 20  # N

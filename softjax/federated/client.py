@@ -38,13 +38,6 @@ def proximal_term(params: PyTree, anchor: PyTree) -> jax.Array:
                    for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
 
 
-def _masked_factors(lora: PyTree, mask: jax.Array) -> PyTree:
-  """Every layer's B scaled by mask[0] and A by mask[1]."""
-  pairs, treedef = lora_lib.factor_pairs(lora)
-  return jax.tree.unflatten(treedef, [{"A": p["A"] * mask[1], "B": p["B"] * mask[0]}
-                                      for p in pairs])
-
-
 def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_size: int,
                        penalty: str = "offdiag", prox_mu: float = 0.0):
   """Returns client_update(trainable, frozen, data, client_id, key, hparams) -> (local, loss).
@@ -79,8 +72,9 @@ def make_client_update(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, b
       (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
       if correction is not None:
         grads = jax.tree.map(jnp.add, grads, correction)
-      if hparams.factor_mask is not None:  # the rule freezes B or A this round
-        grads = grads._replace(lora=_masked_factors(grads.lora, hparams.factor_mask))
+      if hparams.factor_mask is not None:  # the rule freezes B or A, or ranks beyond r_k
+        mask = hparams.factor_mask
+        grads = grads._replace(lora=lora_lib.scale_components(grads.lora, mask[0], mask[1]))
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 

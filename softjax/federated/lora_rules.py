@@ -16,7 +16,9 @@ can select (`method.rule`, config/choices.AGGREGATION_RULES), which factors a cl
 a round (FFA-LoRA and FedSVD: B only; RoLoRA: B, then A, by round) and how the server turns
 the received factors into the next global ones; the round applies both
 (federated/round.py), which also keeps FedSA-LoRA's per-client B and the folds of FedEx-LoRA
-and FLoRA (`fold_update`). Heterogeneous ranks are not selectable yet.
+and FLoRA (`fold_update`), and trains each HetLoRA client at its own rank
+(`client_rank_keep`, `truncated`; its server side is separate averaging of the zero-padded
+factors, `hetlora`).
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """
@@ -28,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from softjax.models.lora import factor_pairs
+from softjax.models.lora import factor_pairs, scale_components
 from softjax.sparsify import lapack
 from softjax.sparsify.reorthogonalize import product_svd
 
@@ -127,15 +129,24 @@ def rank_mask(ranks: jax.Array, r_max: int) -> jax.Array:
 def hetlora(B: jax.Array, A: jax.Array, p: jax.Array, ranks: jax.Array) -> LayerAggregate:
   """Heterogeneous ranks (HetLoRA-style): client k's factors are zero beyond its rank, the
   server averages the padded factors at r_max; each client then truncates the global factors
-  to its own rank (`truncate`). Masking keeps every client in one vmapped shape."""
+  to its own rank (`truncated`). Masking keeps every client in one vmapped shape."""
   mask = rank_mask(ranks, B.shape[-1])
   return fedit(B * mask[:, None, :], A * mask[:, :, None], p)
 
 
-def truncate(B: jax.Array, A: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A client's view of rank-r_max global factors at its own rank (zeros beyond it)."""
-  keep = (jnp.arange(B.shape[-1]) < rank).astype(B.dtype)
-  return B * keep[None, :], A * keep[:, None]
+def client_rank_keep(ranks: tuple[int, ...], client_id: jax.Array, r_max: int) -> jax.Array:
+  """[r_max] 1 on client `client_id`'s first ranks[client_id mod len(ranks)] components.
+  [choice] Ranks are dealt to clients cyclically by id (HetLoRA draws them from the devices'
+  capabilities); with a random partition an id says nothing about a client's data, and a
+  rank list with repeats sets the proportions."""
+  rank = jnp.asarray(ranks, jnp.int32)[client_id % len(ranks)]
+  return rank_mask(rank[None], r_max)[0]
+
+
+def truncated(lora, keep: jax.Array):
+  """A client's view of the rank-r_max LoRA tree at its own rank: every layer's components
+  where `keep` [r_max] is 0 set to zero (columns of B, rows of A)."""
+  return scale_components(lora, keep, keep)
 
 
 def _frobenius(left: jax.Array, right: jax.Array) -> jax.Array:

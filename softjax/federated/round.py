@@ -86,7 +86,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
                 server_optimizer: optax.GradientTransformation | None = None,
                 prox_mu: float = 0.0, scaffold: bool = False,
                 rule: str = "fedit", host_store: bool = False,
-                num_clients: int = 0, adapter_scale: float = 1.0) -> RoundPhases:
+                num_clients: int = 0, adapter_scale: float = 1.0,
+                client_ranks: tuple[int, ...] = ()) -> RoundPhases:
   """The phases of a round of `sparsifier` (default dense) over `apply_fn`.
 
   Args:
@@ -107,10 +108,10 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
     scaffold: SCAFFOLD's control variates (client SGD only); the state must hold them
       (`init_state(..., scaffold=True)`), and each client also uploads its control delta.
     rule: the federated-LoRA aggregation rule (lora_rules: fedit, ffa, fedsa, fedex, flora,
-      rolora, fedsvd, flexlora): which factors clients train each round and how the server re-forms
-      them; other than fedit, dense uploads only. fedsa needs the state's client_factors
-      (`init_state(..., personal_b=True)`), fedex and flora their folds
-      (`init_state(..., fold=True)`).
+      rolora, fedsvd, flexlora, hetlora): which factors clients train each round and how the
+      server re-forms them; other than fedit, dense uploads only. fedsa needs the state's
+      client_factors (`init_state(..., personal_b=True)`), fedex and flora their folds
+      (`init_state(..., fold=True)`), hetlora `client_ranks`.
     host_store: the state's residuals and client controls are the K sampled clients' rows,
       gathered by the host (federated/client_store.py), not all N clients'; with
       `reorthogonalize` the metrics carry the round's change of basis, for the rows left on
@@ -119,6 +120,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
       unless `host_store`).
     adapter_scale: the LoRA scale alpha / r, with which FedEx-LoRA's folds enter the frozen
       kernels (models/lora.fold_into).
+    client_ranks: HetLoRA's ranks, dealt to clients by id (lora_rules.client_rank_keep), each
+      at most the LoRA rank r_max.
   """
   client_update = make_client_update(apply_fn, optimizer=optimizer, local_steps=local_steps,
                                      batch_size=batch_size, penalty=penalty, prox_mu=prox_mu)
@@ -138,6 +141,8 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
   if rule in ("fedsvd", "flexlora", "fedsa", "fedex", "flora") and server_optimizer is not None:
     raise ValueError(f"aggregation rule {rule} re-factorizes; a server optimizer's moments "
                      "would not follow")
+  if bool(client_ranks) != (rule == "hetlora"):
+    raise ValueError(f"client_ranks {client_ranks} go with rule hetlora only (rule is {rule})")
 
   def clients(glob, frozen, data, hparams, client_ids, keys, per_client, slot_data):
     """Trains and compresses the given client slots: [C] ids -> [C] uploads, deltas, losses
@@ -154,8 +159,17 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
       # from there.
       start = glob if own_b is None else glob._replace(
           lora=lora_lib.with_b_factors(glob.lora, own_b))
+      client_hparams, reference = hparams, start.lora
+      if client_ranks:
+        # HetLoRA: the client trains the global factors truncated to its rank r_k; the server
+        # zero-pads what it sends, so its upload is measured from the untruncated global factors
+        # (only r_k components' values are sent and billed).
+        keep = lora_rules.client_rank_keep(client_ranks, client_id, _rank(glob.lora))
+        start = start._replace(lora=lora_rules.truncated(start.lora, keep))
+        client_hparams = hparams._replace(factor_mask=jnp.stack([keep, keep]))
+        reference = glob.lora
       local, loss = client_update(start, frozen, source, client_id if own is None else 0, key,
-                                  hparams, correction)
+                                  client_hparams, correction)
       control = None
       if scaffold:
         # Option II of SCAFFOLD: c_k+ = c_k - c + (x - y_k) / (E lr) = (x - y_k) / (E lr) - corr.
@@ -165,9 +179,9 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
         residual = jax.tree.map(jnp.zeros_like, glob.lora)
       # The mask key (RLoRA) is a pure function of (seed, round, client): the server can
       # regenerate it, so it costs no index bits.
-      upload = method.compress(start.lora, local.lora, residual, hparams.keep_ratio,
+      upload = method.compress(reference, local.lora, residual, hparams.keep_ratio,
                                jax.random.fold_in(key, 1))
-      kept_home = hparams.factor_mask
+      kept_home = client_hparams.factor_mask
       if own_b is not None:  # B never leaves the client: only A's values are sent
         kept_home = jnp.array([0.0, 1.0])
       if kept_home is not None:  # a frozen (or personal) factor is not uploaded
@@ -187,12 +201,13 @@ def make_phases(apply_fn: ApplyFn, *, optimizer: str, local_steps: int, batch_si
 
 
 def _frozen_values(lora: PyTree, mask: jax.Array) -> jax.Array:
-  """LoRA values of the factors `mask` freezes (int32): B's where mask[0] = 0, A's where
-  mask[1] = 0."""
+  """LoRA values a client does not send (int32): B's columns where mask[0] = 0 and A's rows
+  where mask[1] = 0; `mask` is [2] (whole factors) or [2, r] (per rank component)."""
   pairs, _ = lora_lib.factor_pairs(lora)
+  unsent = 1.0 - jnp.broadcast_to(jnp.reshape(mask, (2, -1)), (2, _rank(lora))).mean(axis=1)
   b_values = sum(p["B"].size for p in pairs)
   a_values = sum(p["A"].size for p in pairs)
-  return jnp.round((1.0 - mask[0]) * b_values + (1.0 - mask[1]) * a_values).astype(jnp.int32)
+  return jnp.round(unsent[0] * b_values + unsent[1] * a_values).astype(jnp.int32)
 
 
 # FLoRA's restart key is fold_in(round key, RESTART_STREAM): a value no client id reaches, so it
@@ -415,6 +430,11 @@ def _store_rows(phases: RoundPhases, state: ServerState, client_ids: jax.Array) 
   store = next(s for s in (state.residuals, state.client_controls, state.client_factors)
                if jax.tree.leaves(s))
   return jnp.arange(client_ids.shape[0], dtype=jnp.int32) % _num_rows(state, store)
+
+
+def _rank(lora: PyTree) -> int:
+  """r, the LoRA rank (every adapted layer has the same)."""
+  return lora_lib.factor_pairs(lora)[0][0]["B"].shape[-1]
 
 
 def _num_rows(state: ServerState, store: PyTree | None = None) -> int:

@@ -62,8 +62,9 @@ class RoundHparams(NamedTuple):
   zeta: jax.Array  # float32 [], orthogonality penalty weight (ALGORITHM.md 2.1)
   keep_ratio: jax.Array  # float32 [], O_t in (0, 1] (ALGORITHM.md 2.3)
   uplink: Uplink | None = None  # None: latency is not simulated (reported as 0)
-  # [2] (train B, train A) weights on the factor gradients, set inside the round from its
-  # aggregation rule (federated/lora_rules.trained_factors); None: both trained.
+  # (train B, train A) weights on the factor gradients, set inside the round from its
+  # aggregation rule: [2] per factor (federated/lora_rules.trained_factors), or [2, r] per
+  # rank component (HetLoRA: 1 up to the client's rank); None: both trained.
   factor_mask: jax.Array | None = None
 
 

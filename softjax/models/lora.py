@@ -106,6 +106,15 @@ def factor_pairs(lora_tree: PyTree) -> tuple[list[dict[str, jax.Array]], Any]:
   return pairs, treedef
 
 
+def scale_components(lora_tree: PyTree, b_scale: jax.Array, a_scale: jax.Array) -> PyTree:
+  """Every layer's B with its columns scaled by `b_scale` and A with its rows by `a_scale`:
+  each a scalar (the whole factor) or [r] (per rank component)."""
+  pairs, treedef = factor_pairs(lora_tree)
+  a_scale = jnp.expand_dims(jnp.asarray(a_scale), -1)  # [r] -> [r, 1]: one value per row of A
+  return jax.tree.unflatten(treedef, [{"A": p["A"] * a_scale, "B": p["B"] * b_scale}
+                                      for p in pairs])
+
+
 def b_factors(lora_tree: PyTree) -> PyTree:
   """The tree's B factors alone: every `{"A", "B"}` dict replaced by `{"B": B}` (leaves may
   carry leading axes, e.g. a per-client [N] store)."""

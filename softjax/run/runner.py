@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from softjax import config as config_lib
 from softjax.federated import client_store, evaluation, placement, schedule
 from softjax.federated import round as round_lib
 from softjax.federated import types as fl_types
@@ -58,7 +59,8 @@ class RoundRunner:
         head_params=shared.head_params, reorthogonalize=config.method.reorthogonalize,
         server_optimizer=server_optimizer(config), prox_mu=fl.prox_mu, scaffold=fl.scaffold,
         rule=config.method.rule, host_store=fl.client_store == "host",
-        num_clients=fl.num_clients, adapter_scale=config.lora.alpha / config.lora.rank)
+        num_clients=fl.num_clients, adapter_scale=config.lora.alpha / config.lora.rank,
+        client_ranks=config_lib.client_ranks(config))
     self.host_store = phases.host_store
     eval_fn = evaluation.make_eval(shared.apply_fn, config.eval.batch_size,
                                    phases.adapter_scale)
