@@ -156,6 +156,58 @@ def test_plan_offline_composes_the_closed_forms():
   assert plan.keep_ratio == min(1.0, plan.mbar[want] / want)
 
 
+def _whole_payload(t, clients):
+  """A dense upload whose bits differ per client and round (as HetLoRA's and RoLoRA's do)."""
+  return (np.asarray(clients) % 3 + 1 + t % 2) * bits_at(1.0) / 3
+
+
+@pytest.mark.parametrize("mode", ["fixed", "osfa", "tsfa"])
+def test_a_whole_upload_gets_only_a_bandwidth_split_for_its_own_payload(mode):
+  link = make_link()
+  compute = np.random.default_rng(99).uniform(0.1, 0.3, N)
+  spec = controller_lib.ControllerSpec(mode=mode, seed=0, tbar_s=0.5, rank=RANK, V=1.0,
+                                       solver="numpy", fixed_keep_ratio=0.5,
+                                       first_keep_ratio=0.25, clients_per_round=K)
+  ctrl = controller_lib.LatencyController(spec, link, compute, bits_at, _whole_payload)
+  state = controller_state(queue=3.0)
+  for t in (0, 1):
+    clients = schedule.sample_clients(0, t, N, K)
+    plan, state = ctrl.plan(state, t, clients, [np.ones(RANK)] * len(LAYERS))
+    bits = _whole_payload(t, clients)
+    assert plan.keep_ratio == 1.0 and plan.m == RANK  # nothing to sparsify, whatever the queue
+    if mode == "fixed":
+      np.testing.assert_allclose(plan.bandwidth_hz, np.full(K, 1e6 / K))
+    else:  # the split of least latency for these clients' own bits
+      tau, bandwidth = solvers.min_latency_numpy(bits, plan.snr_coeff, plan.compute_s,
+                                                 total_bw_hz=1e6)
+      np.testing.assert_allclose(plan.bandwidth_hz, bandwidth, rtol=1e-6)
+      assert plan.predicted_latency_s == pytest.approx(tau, rel=1e-6)
+    assert plan.predicted_latency_s == pytest.approx(link_lib.round_latency_s(
+        bits, plan.bandwidth_hz, plan.snr_coeff, plan.compute_s), rel=1e-9)
+
+
+def test_plan_offline_for_a_whole_upload_picks_among_the_ranks_that_fit():
+  link = make_link()
+  rates = offline.approx_rate_bps(link.beta, link.channel, K)
+  compute = np.full(N, 0.1)
+  per_component = 128 * 12  # e.g. B's columns only (FFA-LoRA)
+  common = dict(tbar_s=0.25, compute_s=compute, approx_rates_bps=rates, layer_dims=LAYERS,
+                head_params=HEAD, value_bits=32, weights=offline.RankWeights(1.0, 1.0, 0.1))
+  plan = offline.plan_offline([2, 4, 8, 16], whole_upload=per_component, **common)
+  mbar = offline.affordable_components_quantile(0.25, compute, rates, head_bits=32 * HEAD,
+                                                index_bits=0, value_bits=32,
+                                                sum_dims=per_component)
+  assert plan.mbar == {r: mbar for r in (2, 4, 8, 16)} and 4 <= mbar < 8
+  # Only ranks whose whole upload fits compete; J at them has no sparsification term.
+  assert set(plan.objective) == {2, 4} and plan.keep_ratio == 1.0
+  want, values = offline.select_rank([2, 4], mbar, 1.0, 1.0, 0.1, r_max=16)
+  assert plan.rank == want and plan.objective == values
+  # Nothing fits: the smallest candidate.
+  tight = offline.plan_offline([2, 4, 8], whole_upload=per_component,
+                               **dict(common, tbar_s=0.1 + 1e-4))
+  assert tight.rank == 2 and tight.keep_ratio == 1.0
+
+
 @pytest.mark.parametrize("name", sparsifiers.METHODS)
 def test_predicted_bits_equal_what_the_round_reports(name):
   """The controller prices uploads on the host with the bits the jitted round will report."""

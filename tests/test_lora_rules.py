@@ -331,6 +331,31 @@ def test_hetlora_round_trains_each_client_at_its_rank_over_a_client_loop(paralle
   assert want_error > 0
 
 
+def test_component_values_by_hand_on_a_non_square_layer():
+  dims = [(3, 5)]  # (d_in, d_out): a column of B costs 5, a row of A 3
+  assert [rules.component_values(rule, dims) for rule in ("fedit", "ffa", "fedsa")] == [8, 5, 3]
+  assert [rules.component_values("rolora", dims, t) for t in (0, 1, None)] == [5, 3, 5]
+  # HetLoRA clients 0, 1, 2 at ranks 2, 1, 2 (ranks dealt by id), a 10-value head, q = 16.
+  np.testing.assert_array_equal(
+      rules.upload_bits("hetlora", dims, 2, 0, np.array([0, 1, 2]), (2, 1), value_bits=16,
+                        head_params=10), 16 * np.array([26, 18, 26]))
+
+
+@pytest.mark.parametrize("rule", ["ffa", "fedsa", "rolora", "hetlora"])
+def test_the_controllers_bits_of_a_rule_equal_what_the_round_counts(rule):
+  # lora_rules.upload_bits prices a dense upload under a rule for the controller, on the host.
+  first, metrics, init, _ = _round(rule)
+  dims = [(q["A"].shape[1], q["B"].shape[0]) for q in _pairs(init.trainable.lora)]
+  r = _pairs(init.trainable.lora)[0]["B"].shape[1]
+  price = lambda t, clients: rules.upload_bits(  # noqa: E731
+      rule, dims, r, t, np.array(clients), HET_RANKS if rule == "hetlora" else (),
+      value_bits=32, head_params=0)  # the tiny round sends no head values (head_params=0)
+  np.testing.assert_array_equal(np.asarray(metrics.client_bits), price(0, (1, 3)))
+  if rule in ("rolora", "hetlora"):  # A's round; other clients' ranks
+    _, later, *_ = _round(rule, state=first, clients=(0, 2))
+    np.testing.assert_array_equal(np.asarray(later.client_bits), price(1, (0, 2)))
+
+
 def test_a_fold_in_the_frozen_kernels_is_the_adapter_product():
   from softjax.models import lora as lora_lib
   from tests.support import tiny_setup
@@ -437,8 +462,8 @@ def test_flora_round_folds_the_mean_product_and_restarts_the_adapter_over_a_clie
 @pytest.mark.parametrize("overrides, line", [
     ({"method.rule": "ffa", "method.name": "soft", "method.keep_ratio": 0.5},
      "method.rule.*ffa.*method.name=soft.*needs method.name=dense"),
-    ({"method.rule": "rolora", "controller.name": "osfa", "method.name": "dense"},
-     "method.rule.*controller.name=osfa"),
+    ({"method.rule": "hetlora", "method.client_ranks": "2,8", "controller.name": "tsfa",
+      "method.name": "dense"}, "method.rule.*hetlora.*controller.name=tsfa.*fixed or osfa"),
     ({"method.rule": "flexlora", "server.optimizer": "fedadam"},
      "method.rule.*server.optimizer=fedadam"),
     ({"method.rule": "fedsa", "server.optimizer": "fedyogi"},
@@ -495,3 +520,23 @@ def test_a_rule_runs_end_to_end_with_one_compilation(cache_dir, tmp_path, rule):
   assert summary["round_traces"] == 1  # RoLoRA's alternation is traced, not recompiled
   assert all(np.isfinite(r["train_loss"]) for r in summary["rows"])
   assert summary["final_accuracy"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule, controller", [("ffa", "tsfa"), ("hetlora", "osfa")])
+def test_a_rule_runs_under_a_latency_controller_that_prices_its_payload(cache_dir, tmp_path,
+                                                                       rule, controller):
+  # O = 1 every round; the split is the least-latency one for the rule's own per-client bits,
+  # so with perfect CSI the round's latency is the one the controller predicted.
+  from softjax.run import experiment
+  from tests.support import make_config
+
+  ranks = {"method.client_ranks": "1,4,2"} if rule == "hetlora" else {}
+  summary = experiment.run(make_config(cache_dir, **{"method.rule": rule, "method.name": "dense",
+                                                     "controller.name": controller}, **ranks),
+                           str(tmp_path))
+  assert summary["round_traces"] == 1
+  for row in summary["rows"]:
+    assert row["keep_ratio"] == 1.0 and row["solver"] in ("cvx", "numpy")
+    assert row["latency_s"] == pytest.approx(row["predicted_latency_s"], rel=1e-4)
+  assert len({r["uplink_bits"] for r in summary["rows"]}) > 1 or rule != "hetlora"

@@ -121,9 +121,9 @@ def _validate_server(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_rule(config: ml_collections.ConfigDict) -> None:
-  """An aggregation rule other than fedit runs with dense uploads under the fixed controller,
-  without re-orthogonalization or SCAFFOLD; a re-factorizing one without a server optimizer;
-  hetlora, and only hetlora, with client ranks."""
+  """An aggregation rule other than fedit runs with dense uploads, without re-orthogonalization
+  or SCAFFOLD; a re-factorizing one without a server optimizer; hetlora, and only hetlora, with
+  client ranks, and not under tsfa."""
   rule, m = config.method.rule, config.method
   rules.choice("method.rule", rule, choices.AGGREGATION_RULES)
   ranks = client_ranks(config)
@@ -133,8 +133,9 @@ def _validate_rule(config: ml_collections.ConfigDict) -> None:
   if rule == "fedit":
     return
   clashes = [("method.name", m.name, m.name != "dense", "dense"),
-             ("controller.name", config.controller.name, config.controller.name != "fixed",
-              "fixed"),
+             # TSFA picks the rank; HetLoRA's client ranks are given.
+             ("controller.name", config.controller.name,
+              rule == "hetlora" and config.controller.name == "tsfa", "fixed or osfa"),
              ("method.reorthogonalize", m.reorthogonalize, m.reorthogonalize, "False"),
              ("fl.scaffold", config.fl.scaffold, config.fl.scaffold, "False"),
              ("server.optimizer", config.server.optimizer,
@@ -280,8 +281,8 @@ def _validate_controller(config: ml_collections.ConfigDict) -> None:
   rules.number("controller.quantile", c.quantile, 0, 1)
   rules.integer("controller.pilot_batches", c.pilot_batches, 1)
   if c.name != "fixed":
-    rules.check(config.method.name != "dense", "controller.name", c.name,
-                "must be 'fixed' with method.name = 'dense' (a dense upload has nothing to choose)")
+    # A dense upload has no keep ratio to choose: osfa / tsfa choose its bandwidth split (and
+    # tsfa its rank) only.
     rules.check(bool(lora_targets(config)), "controller.name", c.name,
                 "needs LoRA targets to sparsify (lora.targets is empty); use 'fixed'")
 

@@ -70,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   # frozen) | fedsa (A shared, B per client) | fedex (fedit + the residual folded into the
   # frozen weights) | flora (the mean product folded, the adapter restarted) | rolora (B, then A,
   # by round) | fedsvd (A frozen, server SVD) | flexlora (SVD of the mean product) | hetlora
-  # (per-client ranks, method.client_ranks); other than fedit: method.name=dense,
-  # controller.name=fixed.
+  # (per-client ranks, method.client_ranks); other than fedit: method.name=dense (under osfa /
+  # tsfa the controller then splits the band for the rule's payload; hetlora: not tsfa).
   c.method.rule = "fedit"
   # hetlora: comma list of client ranks, each in [1, lora.rank]; client k trains at the
   # (k mod len)-th of them [choice], e.g. "2,4,8"; "" for every other rule.

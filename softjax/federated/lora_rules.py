@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softjax.models.lora import factor_pairs, scale_components
 from softjax.sparsify import lapack
@@ -186,6 +187,43 @@ def trained_factors(rule: str, round_index: jax.Array) -> jax.Array:
     train_b = (round_index % 2 == 0).astype(jnp.float32)
     return jnp.stack([train_b, 1.0 - train_b])
   return jnp.ones((2,), jnp.float32)
+
+
+def sent_factors(rule: str, round_index: int) -> tuple[bool, bool]:
+  """(sends B, sends A) in a client's dense upload under `rule` in round `round_index`, on the
+  host: the factors it trains (`trained_factors`), less FedSA-LoRA's B, which stays home."""
+  if rule in ("ffa", "fedsvd"):
+    return True, False
+  if rule == "rolora":
+    return round_index % 2 == 0, round_index % 2 == 1
+  if rule == "fedsa":
+    return False, True
+  return True, True
+
+
+def component_values(rule: str, layer_dims, round_index: int | None = None) -> int:
+  """Values one rank component costs in every adapted layer together, sum_l of d_out_l (B's
+  column) and d_in_l (A's row) where `rule` sends them in `round_index`; None: the dearer of
+  the rule's rounds (what a plan made before the rounds must afford)."""
+  rounds = (0, 1) if round_index is None else (round_index,)
+  per_round = []
+  for t in rounds:
+    send_b, send_a = sent_factors(rule, t)
+    per_round.append(sum(send_b * d_out + send_a * d_in for d_in, d_out in layer_dims))
+  return max(per_round)
+
+
+def upload_bits(rule: str, layer_dims, rank: int, round_index: int, client_ids,
+                client_ranks: tuple[int, ...] = (), *, value_bits: int,
+                head_params: int) -> np.ndarray:
+  """[K] bits each sampled client's dense upload costs under `rule` in round `round_index`,
+  on the host (what the round's metrics count: ALGORITHM.md 2.5 with m = r_k, no index bits).
+  A HetLoRA client sends its own rank r_k = client_ranks[k mod len] of components."""
+  ids = np.asarray(client_ids)
+  ranks = (np.asarray(client_ranks)[ids % len(client_ranks)] if client_ranks
+           else np.full(ids.shape, rank))
+  values = ranks * component_values(rule, layer_dims, round_index) + head_params
+  return (value_bits * values).astype(np.int64)
 
 
 def _received(global_lora, sent):

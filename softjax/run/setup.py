@@ -198,7 +198,9 @@ def _offline_stage(config, link, tbar: float, compute_at, layer_dims, head_param
       approx_rates_bps=rates,
       layer_dims=layer_dims, head_params=head_params, value_bits=config.fl.value_bits,
       quantile=c.quantile,
-      weights=offline_lib.RankWeights(c.gamma, c.lambda_sp, c.lambda_cov, singular_values))
+      weights=offline_lib.RankWeights(c.gamma, c.lambda_sp, c.lambda_cov, singular_values),
+      whole_upload=(lora_rules.component_values(config.method.rule, layer_dims)
+                    if config.method.name == "dense" else None))
   print(f"TSFA offline stage: Tbar {tbar:.4g} s, rank {offline.rank} (J: "
         + ", ".join(f"{r}: {j:.3f}" for r, j in offline.objective.items())
         + f"), O_0 {offline.keep_ratio:.3f}", flush=True)
@@ -229,9 +231,17 @@ def check_budget(config: ml_collections.ConfigDict, tbar_s: float, compute_s) ->
 
 def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_shapes,
                     head_params: int) -> controller_lib.LatencyController:
-  """The per-round controller of this run, pricing uploads with the method's own accounting."""
+  """The per-round controller of this run, pricing uploads with the method's own accounting;
+  a dense upload with its aggregation rule's (`lora_rules.upload_bits`)."""
   bits_at = functools.partial(payload.predicted_upload_bits, config.method.name, lora_shapes,
                               value_bits=config.fl.value_bits, head_params=head_params)
+  payload_bits = None
+  if config.method.name == "dense":
+    dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(lora_shapes)]
+    payload_bits = functools.partial(
+        lora_rules.upload_bits, config.method.rule, dims, plan.rank,
+        client_ranks=config_lib.client_ranks(config), value_bits=config.fl.value_bits,
+        head_params=head_params)
   c = config.controller
   spec = controller_lib.ControllerSpec(
       mode=c.name, seed=config.seed, tbar_s=plan.tbar_s, rank=plan.rank, V=c.V,
@@ -239,7 +249,8 @@ def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_sh
       first_keep_ratio=plan.offline.keep_ratio if plan.offline else None,
       clients_per_round=config.fl.clients_per_round)
   return controller_lib.LatencyController(
-      spec, plan.link, plan.link.compute_s(config.fl, plan.flops_per_example), bits_at)
+      spec, plan.link, plan.link.compute_s(config.fl, plan.flops_per_example), bits_at,
+      payload_bits)
 
 
 def build_shared(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> SharedSetup:

@@ -6,6 +6,9 @@
   tsfa:  the offline stage picks the rank and O_0 before round 0 (ALGORITHM.md 5; the caller
          builds the model at that rank), round 0 sends O_0 on the min-latency split [choice],
          then P3 every round.
+A dense upload (any aggregation rule) sends everything, so with it O_t = 1 and osfa / tsfa
+choose only the min-latency split of its payload; tsfa's offline stage still picks the rank
+(`offline.plan_offline(..., whole_upload=...)`).
 
 A `LatencyController` holds only what is fixed for a run (the link, Tbar, the rank, the method's
 payload prices, the compiled CVXPY problem). What changes between rounds is a
@@ -101,7 +104,8 @@ class LatencyController:
   """
 
   def __init__(self, spec: ControllerSpec, link: Link, compute_s: np.ndarray,
-               bits_at: Callable[[float], int]):
+               bits_at: Callable[[float], int],
+               payload_bits: Callable[[int, np.ndarray], np.ndarray] | None = None):
     """
     Args:
       spec: the controller's settings.
@@ -109,6 +113,10 @@ class LatencyController:
       compute_s: [N] compute time of each client at this run's rank.
       bits_at: O -> bits one client uploads at keep ratio O (the method's own accounting,
         `sparsify.payload.predicted_upload_bits`); P3 prices m components at O = m / r.
+      payload_bits: for an upload that always sends everything (a dense upload under any
+        aggregation rule, `federated.lora_rules.upload_bits`): (t, clients [K]) -> [K] bits.
+        Then O = 1 every round and osfa / tsfa choose only the bandwidth split, the one that
+        minimizes the round's latency (P3 with a single m = r: its error term is constant).
     """
     if spec.mode not in MODES:
       raise ValueError(f"unknown controller {spec.mode!r}")
@@ -120,6 +128,7 @@ class LatencyController:
     self.first_keep_ratio = spec.first_keep_ratio
     self._bits_at = functools.lru_cache(maxsize=None)(lambda o: float(bits_at(o)))
     self._bits = lambda m: self._bits_at(int(m) / self.rank)
+    self._payload_bits = payload_bits
     self._cvx = None
     if spec.mode != "fixed" and spec.solver == "cvx":
       if spec.clients_per_round is None:
@@ -149,13 +158,20 @@ class LatencyController:
     received = ~channel_lib.dropouts(len(self.link.beta), self.link.dropout, self.seed, t)[clients]
     compute = self.compute_s[clients]
     tick = time.perf_counter()
+    whole = self._payload_bits is not None  # nothing to sparsify: O = 1
     if self.mode == "fixed":
-      keep = self.fixed_keep_ratio
-      bits = np.full(len(clients), self._bits_at(keep))
+      keep = 1.0 if whole else self.fixed_keep_ratio
+      bits = (self._payload_bits(t, clients) if whole
+              else np.full(len(clients), self._bits_at(keep)))
       tau, bandwidth = solvers.equal_split_latency(bits, a, compute,
                                                    self.link.channel.bandwidth_hz)
       decision = online.P3Decision(m=_kept(keep, self.rank), bandwidth_hz=bandwidth, tau_s=tau,
                                    objective=0.0, solver="equal", fallbacks=0)
+    elif whole:  # only the split is optimized, for the round's own payloads
+      keep, bits = 1.0, self._payload_bits(t, clients)
+      problem = online.P3Problem([self.rank], lambda _: 0.0, 0.0, 0.0, self.tbar_s,
+                                 lambda _: bits, a, compute)
+      decision = self._solve(problem)
     elif self.mode == "tsfa" and t == 0:  # O_0 is given; only the split is optimized
       # O_0 = mbar / r may be 0 (nothing fits the budget); a client still sends m = 1.
       keep = _kept(float(self.first_keep_ratio), self.rank) / self.rank

@@ -252,8 +252,14 @@ class OfflinePlan:
 
 def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_rates_bps,
                  layer_dims: Sequence[tuple[int, int]], head_params: int, value_bits: int,
-                 quantile: float = 0.5, weights: RankWeights = RankWeights()) -> OfflinePlan:
+                 quantile: float = 0.5, weights: RankWeights = RankWeights(),
+                 whole_upload: int | None = None) -> OfflinePlan:
   """Stage 1 end to end: mbar(r) at the client quantile, rbar = argmin J(r), O_0(rbar).
+
+  With `whole_upload` (a dense upload, which sends all r components and no index) the client
+  drops nothing, so a rank must fit instead: [choice] rbar = argmin J(r) over the candidates
+  with r <= mbar(r), where J's sparsification term is 0 (the smallest candidate when none
+  fits), and O_0 = 1.
 
   Args:
     candidates: ranks to compare.
@@ -266,6 +272,8 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
     value_bits: q.
     quantile: as in `affordable_components_quantile`.
     weights: J(r)'s weights, as in `select_rank`.
+    whole_upload: values one component costs over every layer when the upload is whole
+      (`federated.lora_rules.component_values`); None: SOFT's sparse upload.
 
   Returns:
     An OfflinePlan.
@@ -273,12 +281,17 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
   References: ALGORITHM.md section 5, steps 1-5.
   """
   dims = [tuple(d) for d in layer_dims]
-  sum_dims = sum(d_in + d_out for d_in, d_out in dims)
+  sum_dims = sum(d_in + d_out for d_in, d_out in dims) if whole_upload is None else whole_upload
   compute_of = compute_s if callable(compute_s) else (lambda _: compute_s)
   mbar = {int(r): affordable_components_quantile(
       tbar_s, compute_of(int(r)), approx_rates_bps, head_bits=value_bits * head_params,
-      index_bits=worst_case_index_bits(len(dims), int(r)), value_bits=value_bits,
-      sum_dims=sum_dims, quantile=quantile) for r in candidates}
-  rbar, objective = select_rank(list(mbar), mbar.__getitem__, weights.gamma, weights.lambda_sp,
-                                weights.lambda_cov, singular_values=weights.singular_values)
-  return OfflinePlan(rbar, initial_keep_ratio(mbar[rbar], rbar), mbar, objective)
+      index_bits=0 if whole_upload is not None else worst_case_index_bits(len(dims), int(r)),
+      value_bits=value_bits, sum_dims=sum_dims, quantile=quantile) for r in candidates}
+  ranks = list(mbar)
+  if whole_upload is not None:
+    ranks = [r for r in ranks if r <= mbar[r]] or [min(ranks)]
+  rbar, objective = select_rank(ranks, mbar.__getitem__, weights.gamma, weights.lambda_sp,
+                                weights.lambda_cov, r_max=max(mbar),
+                                singular_values=weights.singular_values)
+  keep = 1.0 if whole_upload is not None else initial_keep_ratio(mbar[rbar], rbar)
+  return OfflinePlan(rbar, keep, mbar, objective)
