@@ -2,13 +2,12 @@
 
 Every rule a run can select (`method.rule`: FedIT separate averaging, FFA-LoRA, FedSA-LoRA,
 FedEx-LoRA, FLoRA, RoLoRA, FedSVD, FlexLoRA, HetLoRA at ranks 2/4/8) with dense uploads under
-the fixed controller, SOFT at O = 0.5 under the
-fixed controller, and SOFT under TSFA. Compared at equal rounds (final accuracy), at an equal
-uplink (each run's accuracy at the last evaluation within the cheapest run's mean total) and
-by the aggregation error each leaves (`cov_term`, the mean over the last rounds). The rules
-cannot run under TSFA (their payload is not what its controller prices), so only SOFT has a
-TSFA row. Per round time is the whole sweep's round (all seeds in one program) over the
-rounds: the client compute dominates it.
+the fixed controller, SOFT at O = 0.5 under the fixed controller, SOFT under TSFA, and every
+rule but HetLoRA under TSFA (the rank whose whole upload fits the budget, the least-latency
+split each round). Compared at equal rounds (final accuracy), at an equal uplink (each run's
+accuracy at the last evaluation within the cheapest run's mean total) and by the aggregation
+error each leaves (`cov_term`, the mean over the last rounds). Per round time is the whole
+sweep's round (all seeds in one program) over the rounds: the client compute dominates it.
 
 References: issue 12, part 3; docs/algorithm.md section 5.
 """
@@ -29,6 +28,8 @@ KEEP_RATIO = 0.5
 # [choice] HetLoRA's clients at ranks 2, 4 and 8 in turn (r_max = RANK): a third of them at
 # each, the spread of device classes its paper studies.
 HETLORA_RANKS = "2,4,8"
+# The rules with a TSFA row: every one but HetLoRA, whose ranks are given (TSFA picks the rank).
+TSFA_RULES = tuple(r for r in choices.AGGREGATION_RULES if r != "hetlora")
 
 
 def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
@@ -40,9 +41,18 @@ def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
   return config.lock()
 
 
+def _rule_tsfa_config(rule: str, scale: str, rounds: int, checkpoint: str):
+  """A rule's dense upload under TSFA, at SOFT + TSFA's budget and rank candidates: the rank
+  whose whole upload fits, the least-latency split every round."""
+  config = tsfa_config.get_config(f"controller=tsfa,method=dense,keep_ratio=1.0,scale={scale},"
+                                  f"rounds={rounds},checkpoint={checkpoint}").unlock()
+  config.method.rule = rule
+  return config.lock()
+
+
 def run(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
         workdirs: str) -> list[dict[str, Any]]:
-  """E7's seeded runs: every selectable rule, SOFT fixed, SOFT + TSFA."""
+  """E7's seeded runs: every selectable rule, SOFT fixed, SOFT + TSFA, the rules + TSFA."""
   records = [seeded.run(f"e7_{rule}", _rule_config(rule, scale, rounds, checkpoint), seeds,
                         runs, workdirs, {"method": rule, "rank": RANK, "keep_ratio": 1.0})
              for rule in choices.AGGREGATION_RULES]
@@ -54,6 +64,10 @@ def run(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
                                 f"checkpoint={checkpoint}")
   records.append(seeded.run("e7_soft_tsfa", tsfa, seeds, runs, workdirs,
                             {"method": "soft+tsfa", "rank": None, "keep_ratio": None}))
+  records += [seeded.run(f"e7_{rule}_tsfa", _rule_tsfa_config(rule, scale, rounds, checkpoint),
+                         seeds, runs, workdirs,
+                         {"method": f"{rule}+tsfa", "rank": None, "keep_ratio": None})
+              for rule in TSFA_RULES]
   return records
 
 

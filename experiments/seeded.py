@@ -31,6 +31,7 @@ values of what clients score, and the share of the score energy a client drops.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -55,12 +56,12 @@ _ADDED_FIELDS = {"method.client_ranks": ""}
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:
-  """The config with its seeds as one sweep (a single seed runs plain)."""
-  config = config.unlock()
+  """A copy of the config with its seeds as one sweep (a single seed runs plain)."""
+  config = copy.deepcopy(config).unlock()
   if len(seeds) > 1:
     config.sweep.seed = ",".join(map(str, seeds))
   else:
-    config.seed = seeds[0]
+    config.seed, config.sweep.seed = seeds[0], ""
   return config.lock()
 
 
@@ -183,8 +184,10 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
 
   Returns:
     {name, **fields, seeds, config_sha256 (`fingerprint`), per_seed: [seed_record],
-    lora_shapes (the LoRA tree's shapes), round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s
-    (this invocation's, short when it resumed a finished workdir)}, or, when the loss went non-finite (a measured outcome too: recorded, not
+    lora_shapes (the LoRA tree's shapes; the first seed's), round_time_s (the sweep's rounds,
+    summed over every invocation that ran them), wall_time_s (this invocation's, short when it
+    resumed a finished workdir), one_by_one (only when TSFA gave the seeds different ranks and
+    each ran alone)}, or, when the loss went non-finite (a measured outcome too: recorded, not
     retried), {name, **fields, seeds, diverged}.
   """
   path = os.path.join(runs_dir, f"{name}.json")
@@ -192,19 +195,37 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
     return _load(path, seeds, fields, config)
   record = {"name": name, **fields, "seeds": seeds, "config_sha256": fingerprint(config)}
   try:
-    summary = experiment.run(with_seeds(config, seeds), os.path.join(workdirs, name))
+    record.update(_run_seeds(name, config, seeds, workdirs))
   except errors.NonFiniteLossError as e:
     record["diverged"] = str(e)
-  else:
-    members = _members(summary, seeds)
-    record.update(per_seed=[{"setting": m["setting"], **seed_record(m)} for m in members],
-                  lora_shapes=jax.tree.map(lambda x: list(x.shape), summary["lora_template"]),
-                  round_time_s=sum(r["round_time_s"] for r in members[0]["rows"]),
-                  wall_time_s=summary["wall_time_s"])
   os.makedirs(runs_dir, exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def _run_seeds(name: str, config: ml_collections.ConfigDict, seeds: list[int],
+               workdirs: str) -> dict[str, Any]:
+  """The seeds as one vmapped sweep; where TSFA gives the seeds different ranks (a rank is a
+  shape: one program cannot hold them), each seed alone in its own workdir, marked
+  `one_by_one` (its round time is then the sum of the seeds' runs)."""
+  try:
+    summaries = [experiment.run(with_seeds(config, seeds), os.path.join(workdirs, name))]
+    members = _members(summaries[0], seeds)
+    one_by_one = False
+  except errors.SweepRanksError as e:
+    print(f"{name}: {e}; running the seeds one by one", flush=True)
+    summaries = [experiment.run(with_seeds(config, [s]), os.path.join(workdirs, f"{name}_seed{s}"))
+                 for s in seeds]
+    members = [_members(summary, [s])[0] for summary, s in zip(summaries, seeds)]
+    one_by_one = True
+  # A sweep's members share each round's time; seeds run alone each have their own.
+  timed = members if one_by_one else members[:1]
+  return {"per_seed": [{"setting": m["setting"], **seed_record(m)} for m in members],
+          "lora_shapes": jax.tree.map(lambda x: list(x.shape), summaries[0]["lora_template"]),
+          "round_time_s": sum(r["round_time_s"] for m in timed for r in m["rows"]),
+          "wall_time_s": sum(s["wall_time_s"] for s in summaries),
+          **({"one_by_one": True} if one_by_one else {})}
 
 
 def by_setting(record: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

@@ -23,6 +23,11 @@ class ConfigError(UserError, ValueError):
     super().__init__(f"{owner}.{field} = {value!r} is invalid: {allowed}")
 
 
+class SweepRanksError(ConfigError):
+  """A sweep's members would train at different LoRA ranks (TSFA's offline stage depends on
+  the seed through the channel); a rank is a shape, so one program cannot hold them."""
+
+
 class ConfigFileError(UserError):
   """A `--config=FILE.py:arg` spec names no file, or its argument cannot be parsed.
 

@@ -526,12 +526,15 @@ def test_last_round_adds_the_whole_split_from_the_same_pass(cache_dir, tmp_path)
 @pytest.mark.slow
 def test_e7_driver_runs_every_rule_and_soft_as_seeded_runs(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e7"), "e7", "--rounds=2", "--seeds=0,1")
+  from experiments import e7
   from softjax.config import choices
   assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(
-      [f"e7_{r}.json" for r in choices.AGGREGATION_RULES] + ["e7_soft.json",
-                                                             "e7_soft_tsfa.json"])
+      [f"e7_{r}.json" for r in choices.AGGREGATION_RULES] + ["e7_soft.json", "e7_soft_tsfa.json"]
+      + [f"e7_{r}_tsfa.json" for r in e7.TSFA_RULES])
   rows = {r["label"]: r for r in json.load(open(os.path.join(out, "e7.json")))}
-  assert set(rows) == set(choices.AGGREGATION_RULES) | {"soft", "soft+tsfa"}
+  assert set(rows) == (set(choices.AGGREGATION_RULES) | {"soft", "soft+tsfa"}
+                       | {f"{r}+tsfa" for r in e7.TSFA_RULES})
+  assert "hetlora+tsfa" not in rows and len(e7.TSFA_RULES) == len(choices.AGGREGATION_RULES) - 1
   for r in rows.values():
     assert len(r["final_accuracy"]) == 2 and len(r["accuracy_at_equal_uplink"]) == 2
   # A frozen factor is not uploaded: FFA sends less than FedIT, and leaves no covariance term.

@@ -182,3 +182,32 @@ def test_the_committed_e7_summaries_match_the_configs_that_would_rerun_them():
       assert stored == seeded.fingerprint(e7._rule_config(rule, "cpu", 80, "ViT-B_16.npz")), rule
       checked += 1
   assert checked >= 5
+
+
+def test_seeds_that_tsfa_gives_different_ranks_run_one_by_one(tmp_path, monkeypatch):
+  # A rank is a shape: the sweep refuses, so each seed runs alone in its own workdir.
+  from configs import quickstart
+
+  calls = []
+
+  def fake_run(config, workdir):
+    calls.append((config.sweep.seed, config.seed, os.path.basename(workdir)))
+    if config.sweep.seed:
+      raise errors.SweepRanksError("sweep", {"seed": [0, 1]}, "gives members different ranks")
+    rows = [{"round": t, "round_time_s": 1.5 + config.seed, "cum_uplink_bits": 10 * t,
+             "cov_term": 0.0, "test_accuracy": 0.5 + 0.1 * config.seed, "queue": 0.0,
+             "keep_ratio": 1.0, "fallbacks": 0} for t in (1, 2, 3)]
+    return {"rows": rows, "rank": 2 + 2 * config.seed, "lora_template": {}, "wall_time_s": 7.0,
+            "offline": None, "latency_budget_s": 1.0, "mean_latency_s": 0.5, "max_queue": 0.0}
+
+  monkeypatch.setattr(experiment, "run", fake_run)
+  config = quickstart.get_config("rounds=3")
+  record = seeded.run("e7_x_tsfa", config, [0, 1], str(tmp_path), str(tmp_path), {"method": "x"})
+  assert calls == [("0,1", 0, "e7_x_tsfa"), ("", 0, "e7_x_tsfa_seed0"),
+                   ("", 1, "e7_x_tsfa_seed1")]
+  assert record["one_by_one"] and [s["setting"] for s in record["per_seed"]] == [
+      {"seed": 0}, {"seed": 1}]
+  assert [s["final_accuracy"] for s in record["per_seed"]] == pytest.approx([0.5, 0.6])
+  assert [s["rank"] for s in record["per_seed"]] == [2, 4]
+  assert record["round_time_s"] == pytest.approx(3 * 1.5 + 3 * 2.5)  # both seeds' rounds
+  assert record["wall_time_s"] == 14.0

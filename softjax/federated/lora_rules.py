@@ -18,7 +18,8 @@ the received factors into the next global ones; the round applies both
 (federated/round.py), which also keeps FedSA-LoRA's per-client B and the folds of FedEx-LoRA
 and FLoRA (`fold_update`), and trains each HetLoRA client at its own rank
 (`client_rank_keep`, `truncated`; its server side is separate averaging of the zero-padded
-factors, `hetlora`).
+factors, `hetlora`). On the host, `upload_bits` prices a client's dense upload under a rule the
+way the round counts it, for the latency controllers.
 
 References: docs/algorithm.md section 5 (each rule's update and its source paper).
 """

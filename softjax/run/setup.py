@@ -23,6 +23,7 @@ from softjax.config import sweep as sweep_lib
 from softjax.data import layout as layout_lib
 from softjax.data import partition as partition_lib
 from softjax.data import sources
+from softjax import errors
 from softjax.errors import ConfigError
 from softjax.federated import lora_rules, placement, server_opt
 from softjax.federated import types as fl_types
@@ -325,7 +326,7 @@ def build_setup(config: ml_collections.ConfigDict) -> tuple[SharedSetup, list[Me
   members, models = zip(*(build_member(c, shared, s) for c, s in zip(configs, settings)))
   ranks = sorted({m.uplink.rank for m in members})
   if len(ranks) > 1:
-    raise config_lib.ConfigError(
+    raise errors.SweepRanksError(
         "sweep", sweep_lib.swept_values(config),
         f"gives members different ranks {ranks} (the TSFA offline stage depends on the seed "
         "through the channel); a sweep needs one rank: sweep fewer fields or use osfa")
