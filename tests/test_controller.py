@@ -172,7 +172,7 @@ def test_a_whole_upload_gets_only_a_bandwidth_split_for_its_own_payload(mode):
   state = controller_state(queue=3.0)
   for t in (0, 1):
     clients = schedule.sample_clients(0, t, N, K)
-    plan, state = ctrl.plan(state, t, clients, [np.ones(RANK)] * len(LAYERS))
+    plan, state = ctrl.plan(state, t, clients, None)  # the runner reads no scores for it
     bits = _whole_payload(t, clients)
     assert plan.keep_ratio == 1.0 and plan.m == RANK  # nothing to sparsify, whatever the queue
     if mode == "fixed":
@@ -184,6 +184,8 @@ def test_a_whole_upload_gets_only_a_bandwidth_split_for_its_own_payload(mode):
       assert plan.predicted_latency_s == pytest.approx(tau, rel=1e-6)
     assert plan.predicted_latency_s == pytest.approx(link_lib.round_latency_s(
         bits, plan.bandwidth_hz, plan.snr_coeff, plan.compute_s), rel=1e-9)
+  assert not ctrl.reads_scores
+  assert make_controller("osfa").reads_scores and not make_controller("fixed").reads_scores
 
 
 def test_plan_offline_for_a_whole_upload_picks_among_the_ranks_that_fit():

@@ -130,14 +130,14 @@ class RoundRunner:
 
   def _plan(self, state: run_state.RunState, t: int):
     """Each member's sampled clients, controller plan, learning rate and round hparams."""
-    need_scores = any(m.controller.mode != "fixed" for m in self.members)
+    need_scores = any(m.controller.reads_scores for m in self.members)
     scores = self.scores(state.server.trainable.lora) if need_scores else None
     clients, plans, lrs, hparams, controllers = [], [], [], [], []
     for i, member in enumerate(self.members):
       c, fl = member.config, member.config.fl
       ids = schedule.sample_clients(c.seed, t, fl.num_clients, fl.clients_per_round)
       member_scores = None
-      if member.controller.mode != "fixed":
+      if member.controller.reads_scores:
         member_scores = [np.asarray(s[i] if self.swept else s) for s in scores]
       plan, ctrl = member.controller.plan(self._slice(state.controller, i), t, ids,
                                           member_scores)

@@ -231,6 +231,7 @@ def check_budget(config: ml_collections.ConfigDict, tbar_s: float, compute_s) ->
 
 
 def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_shapes,
+                    layer_dims: list[tuple[int, int]],
                     head_params: int) -> controller_lib.LatencyController:
   """The per-round controller of this run, pricing uploads with the method's own accounting;
   a dense upload with its aggregation rule's (`lora_rules.upload_bits`)."""
@@ -238,9 +239,8 @@ def make_controller(config: ml_collections.ConfigDict, plan: UplinkPlan, lora_sh
                               value_bits=config.fl.value_bits, head_params=head_params)
   payload_bits = None
   if config.method.name == "dense":
-    dims = [(d_in, d_out) for _, d_in, d_out in lora_lib.lora_layer_dims(lora_shapes)]
     payload_bits = functools.partial(
-        lora_rules.upload_bits, config.method.rule, dims, plan.rank,
+        lora_rules.upload_bits, config.method.rule, layer_dims, plan.rank,
         client_ranks=config_lib.client_ranks(config), value_bits=config.fl.value_bits,
         head_params=head_params)
   c = config.controller
@@ -310,7 +310,8 @@ def build_member(config: ml_collections.ConfigDict, shared: SharedSetup,
       fold=config.method.rule in lora_rules.FOLDING_RULES)
   member = Member(config=config, setting=setting, init_state=state,
                   uplink=uplink,
-                  controller=make_controller(config, uplink, lora, shared.head_params),
+                  controller=make_controller(config, uplink, lora, shared.layer_dims,
+                                             shared.head_params),
                   root_key=jax.random.fold_in(jax.random.key(config.seed), 2))
   return member, model
 

@@ -193,6 +193,12 @@ class LatencyController:
                      fallbacks=decision.fallbacks)
     return plan, state._replace(fallbacks=state.fallbacks + decision.fallbacks)
 
+  @property
+  def reads_scores(self) -> bool:
+    """Whether `plan` reads the global factors' scores (P3's error term): not for the fixed
+    controller, nor for a whole upload, whose error term is constant."""
+    return self.mode != "fixed" and self._payload_bits is None
+
   def _solve(self, problem: online.P3Problem) -> online.P3Decision:
     """P3 through the fallback chain, starting at the configured solver."""
     return online.solve_with_fallback(problem, total_bw_hz=self.link.channel.bandwidth_hz,
