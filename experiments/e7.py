@@ -30,6 +30,7 @@ KEEP_RATIO = 0.5
 HETLORA_RANKS = "2,4,8"
 # The rules with a TSFA row: every one but HetLoRA, whose ranks are given (TSFA picks the rank).
 TSFA_RULES = tuple(r for r in choices.AGGREGATION_RULES if r != "hetlora")
+SOFT_ARM = "soft"  # SOFT at O = KEEP_RATIO beside the rules' dense uploads
 
 
 def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
@@ -39,6 +40,14 @@ def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
   if rule == "hetlora":
     config.method.client_ranks = HETLORA_RANKS
   return config.lock()
+
+
+def arm_config(arm: str, scale: str, rounds: int, checkpoint: str):
+  """The fixed-controller configuration of a rule, or of SOFT at O = KEEP_RATIO (SOFT_ARM)."""
+  if arm == SOFT_ARM:
+    return e1_config.get_config(f"method=soft,rank={RANK},scale={scale},"
+                                f"keep_ratio={KEEP_RATIO},rounds={rounds},checkpoint={checkpoint}")
+  return _rule_config(arm, scale, rounds, checkpoint)
 
 
 def _rule_tsfa_config(rule: str, scale: str, rounds: int, checkpoint: str):
@@ -56,8 +65,7 @@ def run(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
   records = [seeded.run(f"e7_{rule}", _rule_config(rule, scale, rounds, checkpoint), seeds,
                         runs, workdirs, {"method": rule, "rank": RANK, "keep_ratio": 1.0})
              for rule in choices.AGGREGATION_RULES]
-  soft = e1_config.get_config(f"method=soft,rank={RANK},scale={scale},keep_ratio={KEEP_RATIO},"
-                              f"rounds={rounds},checkpoint={checkpoint}")
+  soft = arm_config(SOFT_ARM, scale, rounds, checkpoint)
   records.append(seeded.run("e7_soft", soft, seeds, runs, workdirs,
                             {"method": "soft", "rank": RANK, "keep_ratio": KEEP_RATIO}))
   tsfa = tsfa_config.get_config(f"controller=tsfa,scale={scale},rounds={rounds},"

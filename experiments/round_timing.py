@@ -252,10 +252,9 @@ def cpu_name(record: dict) -> str:
           f"{record['cpu_model_number']})")
 
 
-def machine() -> dict:
-  """The CPU model and its flags that matter here, XLA_FLAGS and the library versions."""
-  import jaxlib
-
+def cpu() -> dict:
+  """The CPU's model name, family and model number, and its flags that matter to XLA and torch
+  (from /proc/cpuinfo; "unknown" and no flags elsewhere)."""
   model, flags_seen, generation = "unknown", set(), {}
   try:
     with open("/proc/cpuinfo") as f:
@@ -271,13 +270,19 @@ def machine() -> dict:
           generation[key] = value.strip()
   except OSError:  # not Linux: the model stays unknown
     pass
+  return {"cpu_model": model, "cpu_family": generation.get("cpu family"),
+          "cpu_model_number": generation.get("model"),
+          "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen]}
+
+
+def machine() -> dict:
+  """`cpu()`, XLA_FLAGS and the library versions."""
+  import jaxlib
+
   try:
     import torch
     torch_version = torch.__version__
   except ImportError:
     torch_version = None
-  return {"cpu_model": model, "cpu_family": generation.get("cpu family"),
-          "cpu_model_number": generation.get("model"),
-          "cpu_flags": [f for f in CPU_FLAGS if f in flags_seen],
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jaxlib_version": jaxlib.__version__,
-          "torch_version": torch_version}
+  return {**cpu(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "jaxlib_version": jaxlib.__version__, "torch_version": torch_version}

@@ -38,9 +38,10 @@ import os
 from typing import Any
 
 import jax
+import jaxlib
 import ml_collections
 
-from experiments import stats
+from experiments import round_timing, stats
 from softjax import errors
 from softjax.run import experiment
 
@@ -184,8 +185,8 @@ def run(name: str, config: ml_collections.ConfigDict, seeds: list[int], runs_dir
 
   Returns:
     {name, **fields, seeds, config_sha256 (`fingerprint`), per_seed: [seed_record],
-    lora_shapes (the LoRA tree's shapes; the first seed's), round_time_s (the sweep's rounds,
-    summed over every invocation that ran them), wall_time_s (this invocation's, short when it
+    lora_shapes (the LoRA tree's shapes; the first seed's), machine (CPU, backend, jaxlib),
+    round_time_s (the sweep's rounds, summed over every invocation that ran them), wall_time_s (this invocation's, short when it
     resumed a finished workdir), one_by_one (only when TSFA gave the seeds different ranks and
     each ran alone)}, or, when the loss went non-finite (a measured outcome too: recorded, not
     retried), {name, **fields, seeds, diverged}.
@@ -225,6 +226,10 @@ def _run_seeds(name: str, config: ml_collections.ConfigDict, seeds: list[int],
           "lora_shapes": jax.tree.map(lambda x: list(x.shape), summaries[0]["lora_template"]),
           "round_time_s": sum(r["round_time_s"] for m in timed for r in m["rows"]),
           "wall_time_s": sum(s["wall_time_s"] for s in summaries),
+          # The same config and seed follow different trajectories on different CPUs (XLA's
+          # code and summation order differ), so a summary names where it ran.
+          "machine": {**round_timing.cpu(), "backend": jax.default_backend(),
+                      "jaxlib_version": jaxlib.__version__},
           **({"one_by_one": True} if one_by_one else {})}
 
 

@@ -53,6 +53,44 @@ def test_benchmark_measures_every_section(tmp_path):
 
 
 @pytest.mark.slow
+def test_rules_section_times_every_e7_arm_on_one_machine(tmp_path):
+  from experiments import rule_benchmark
+
+  out = str(tmp_path / "rules")
+  done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
+                         "--rounds=3", "--passes=1", "--sections=rules", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  rules = json.load(open(os.path.join(out, "benchmark.json")))["rules"]
+  arms = {a["arm"]: a for a in rules["arms"]}
+  assert tuple(arms) == rule_benchmark.arms() and "hetlora" in arms and "soft" in arms
+  assert arms["fedit"]["over_fedit"] == 1.0
+  for a in arms.values():
+    assert a["round_traces"] == [1], a  # one trace per run: no recompiles between rounds
+    assert len(a["per_pass_s"]) == 1 and a["round_s"] > 0
+    assert a["over_fedit"] == pytest.approx(a["round_s"] / arms["fedit"]["round_s"])
+  table = open(os.path.join(out, "benchmark.md")).read()
+  assert "| flora |" in table and "vs FedIT" in table
+
+
+def test_rules_section_times_e7_configurations_with_only_evaluation_and_backbone_changed():
+  from experiments import e7, rule_benchmark
+
+  def flat(config):
+    return {f"{group}.{k}": v for group, sub in config.to_dict().items()
+            for k, v in (sub.items() if isinstance(sub, dict) else [("", sub)])}
+
+  for arm in rule_benchmark.arms():
+    timed = flat(rule_benchmark.timing_config(arm, "test", 4))
+    e7_arm = flat(e7.arm_config(arm, "test", 4, "unused.npz"))
+    changed = {k for k in timed if timed[k] != e7_arm[k]}
+    assert "model.backbone" in changed and changed <= {
+        "model.backbone", "eval.every", "eval.num_examples", "eval.final_full",
+        "checkpoint.every"}, (arm, changed)
+    assert timed["eval.every"] == timed["checkpoint.every"] == 4
+
+
+@pytest.mark.slow
 def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
   out = str(tmp_path / "accel")
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",

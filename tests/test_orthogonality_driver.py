@@ -211,3 +211,6 @@ def test_seeds_that_tsfa_gives_different_ranks_run_one_by_one(tmp_path, monkeypa
   assert [s["rank"] for s in record["per_seed"]] == [2, 4]
   assert record["round_time_s"] == pytest.approx(3 * 1.5 + 3 * 2.5)  # both seeds' rounds
   assert record["wall_time_s"] == 14.0
+  from experiments import round_timing
+  assert record["machine"] == {**round_timing.cpu(), "backend": "cpu",
+                               "jaxlib_version": record["machine"]["jaxlib_version"]}
