@@ -18,10 +18,12 @@ from typing import Any
 
 from configs import e1 as e1_config
 from configs import tsfa as tsfa_config
-from experiments import seeded
-from experiments.tables import accuracy_at_bits, ci_col, markdown_table, mean, per_seed
+from experiments import latency_replay, seeded
+from experiments.tables import accuracy_at_bits, ci, ci_col, markdown_table, mean, per_seed
 from experiments.tables import row_claims
+from softjax import config as config_lib
 from softjax.config import choices
+from softjax.run import setup as setup_lib
 
 RANK = 8
 KEEP_RATIO = 0.5
@@ -31,6 +33,10 @@ HETLORA_RANKS = "2,4,8"
 # The rules with a TSFA row: every one but HetLoRA, whose ranks are given (TSFA picks the rank).
 TSFA_RULES = tuple(r for r in choices.AGGREGATION_RULES if r != "hetlora")
 SOFT_ARM = "soft"  # SOFT at O = KEEP_RATIO beside the rules' dense uploads
+# The client quantiles at which the budget question below evaluates TSFA's offline stage
+# (controller.quantile over the clients' affordable components: 0.5, the default the TSFA rows
+# ran with, is the median client, 0.0 the slowest).
+QUANTILES = (0.5, 0.25, 0.1, 0.0)
 
 
 def _rule_config(rule: str, scale: str, rounds: int, checkpoint: str):
@@ -120,3 +126,54 @@ def claims(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       row["keep_ratio"], names={"accuracy_at_equal_uplink":
                                                 f"accuracy_at_{row['equal_uplink_mb']:.3f}_mb"})
   return out
+
+
+def _replay_config(rule: str, scale: str, rounds: int, checkpoint: str, seed: int, **fields):
+  config = _rule_tsfa_config(rule, scale, rounds, checkpoint).unlock()
+  config.seed = seed
+  for key, value in fields.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  return config.lock()
+
+
+def budget_rows(scale: str, rounds: int, checkpoint: str, seeds: list[int],
+                quantiles=QUANTILES) -> list[dict[str, Any]]:
+  """Can a whole upload hold the budget, and at which rank? Per TSFA rule, replayed without
+  training (experiments/latency_replay.py; exact for dense uploads): the mean latency / Tbar
+  of every candidate rank under the least-latency split (osfa at that rank), and the rank
+  TSFA's offline stage picks at each client quantile with the latency / Tbar it gives."""
+  base = _rule_tsfa_config(TSFA_RULES[0], scale, rounds, checkpoint)
+  shared = setup_lib.build_shared(base)
+  out = []
+  for rule in TSFA_RULES:
+    per_rank = {r: [latency_replay.replay(
+        _replay_config(rule, scale, rounds, checkpoint, s, **{"controller.name": "osfa",
+                                                              "lora.rank": r}),
+        shared)["latency_over_budget"] for s in seeds]
+        for r in config_lib.rank_candidates(base)}
+    per_quantile = {q: [latency_replay.replay(
+        _replay_config(rule, scale, rounds, checkpoint, s, **{"controller.quantile": q}), shared)
+        for s in seeds] for q in quantiles}
+    out.append({"rule": rule, "seeds": seeds,
+                "latency_over_budget_at_rank": {str(r): v for r, v in per_rank.items()},
+                "tsfa": [{"quantile": q, "rank": [r["rank"] for r in runs],
+                          "latency_over_budget": [r["latency_over_budget"] for r in runs]}
+                         for q, runs in per_quantile.items()]})
+  return out
+
+
+def budget_table(rows_: list[dict[str, Any]]) -> str:
+  ranks = list(rows_[0]["latency_over_budget_at_rank"])
+  quantiles = [t["quantile"] for t in rows_[0]["tsfa"]]
+  seen_ranks = lambda t: "/".join(str(k) for k in sorted(set(t["rank"])))  # noqa: E731
+  columns = [("rule", lambda r: r["rule"])]
+  columns += [(f"rank {k}", lambda r, k=k: ci(r["latency_over_budget_at_rank"][k], ".2f"))
+              for k in ranks]
+  columns += [(f"TSFA q = {q}", lambda r, i=i: f"rank {seen_ranks(r['tsfa'][i])}: "
+               f"{ci(r['tsfa'][i]['latency_over_budget'], '.2f')}")
+              for i, q in enumerate(quantiles)]
+  return (f"Mean latency / budget over the rounds, {len(rows_[0]['seeds'])} seeds, replayed "
+          "without training (exact for whole uploads): at each candidate rank with the "
+          "least-latency split, and at the rank TSFA's offline stage picks at client quantile "
+          "q (`controller.quantile`).\n\n" + markdown_table(columns, rows_))

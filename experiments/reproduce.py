@@ -586,10 +586,13 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
     plots.queues_and_accuracy(records, os.path.join(out, plot),
                               title="E6: SOFT + TSFA under channel and client impairments")
   elif name == "e7":
-    runs = e7.run(scale, rounds, checkpoint, *_seeded_dirs(out, root))
+    seeds, runs_dir, workdirs = _seeded_dirs(out, root)
+    runs = e7.run(scale, rounds, checkpoint, seeds, runs_dir, workdirs)
     records = e7.rows(runs)
     claims.update(_summary_path(root), "e7", e7.claims(records))
-    table, plot = e7.table(records), "e7_rules.png"
+    budget = e7.budget_rows(scale, rounds, checkpoint, seeds)
+    common.write_json(os.path.join(out, "e7_budget.json"), budget)
+    table, plot = e7.table(records) + "\n" + e7.budget_table(budget), "e7_rules.png"
     plots.accuracy_curves([r for r in runs if "diverged" not in r], lambda r: r["method"],
                           os.path.join(out, plot),
                           title=f"E7: aggregation rules and SOFT at rank {e7.RANK}")

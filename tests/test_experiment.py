@@ -544,3 +544,15 @@ def test_e7_driver_runs_every_rule_and_soft_as_seeded_runs(cache_dir, tmp_path):
   assert {c["method"] for c in claims if c["experiment"] == "e7"} == set(rows)
   assert "| flexlora |" in open(os.path.join(out, "e7.md")).read()
   assert os.path.getsize(os.path.join(out, "e7_rules.png")) > 10_000
+  # The budget question, replayed without training: its TSFA rank at the default quantile and
+  # the latency that rank gives are the TSFA rows' own.
+  budget = {b["rule"]: b for b in json.load(open(os.path.join(out, "e7_budget.json")))}
+  assert tuple(budget) == e7.TSFA_RULES
+  for rule, b in budget.items():
+    median = next(t for t in b["tsfa"] if t["quantile"] == 0.5)
+    assert median["rank"] == rows[f"{rule}+tsfa"]["seed_ranks"]
+    assert median["latency_over_budget"] == pytest.approx(
+        rows[f"{rule}+tsfa"]["latency_over_budget"], rel=1e-4)
+    ranks = [int(r) for r in b["latency_over_budget_at_rank"]]
+    assert all(t["rank"][0] in ranks for t in b["tsfa"])
+  assert "TSFA q = 0.0" in open(os.path.join(out, "e7.md")).read()
