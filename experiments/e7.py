@@ -102,6 +102,12 @@ def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def covariance_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The fixed-controller runs' aggregation error per round and seed (for the plot)."""
+  return [{"label": r["method"], "cov_term": [s["cov_term"] for s in r["per_seed"]]}
+          for r in records if "diverged" not in r and not r["name"].endswith("_tsfa")]
+
+
 def table(rows_: list[dict[str, Any]]) -> str:
   ranks = lambda r: "/".join(str(k) for k in sorted(set(r["seed_ranks"])))  # noqa: E731
   return markdown_table([

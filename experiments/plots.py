@@ -138,12 +138,15 @@ def _bars(ax, rows: Sequence[dict[str, Any]], key: str) -> None:
   ax.set_ylim(min(means) - 0.05, None)
 
 
-def _banded(ax, series: Sequence[Sequence[float]], color: str, label: str) -> None:
-  """The seed mean of a per-round series with its 95 % band."""
+def _banded(ax, series: Sequence[Sequence[float]], color: str, label: str,
+            floor: float | None = None) -> None:
+  """The seed mean of a per-round series with its 95 % band (its lower edge held at `floor`,
+  for a log axis, where a band below 0 cannot be drawn)."""
   mean, half = _seed_band([{"v": v} for v in series], "v")
   t = np.arange(1, len(mean) + 1)
+  lower = mean - half if floor is None else np.maximum(mean - half, floor)
   ax.plot(t, mean, color=color, label=label)
-  ax.fill_between(t, mean - half, mean + half, color=color, alpha=0.15, linewidth=0)
+  ax.fill_between(t, lower, mean + half, color=color, alpha=0.15, linewidth=0)
 
 
 def covariance_vs_severity(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
@@ -154,16 +157,43 @@ def covariance_vs_severity(rows: Sequence[dict[str, Any]], path: str, title: str
   `final_accuracy`.
   """
   fig, (cov, acc) = plt.subplots(1, 2, figsize=(11, 4))
-  for i, r in enumerate(rows):
-    _banded(cov, r["cov_term"], f"C{i % 10}", f"shards/client {r['label']}")
-  cov.set_xlabel("round")
-  cov.set_ylabel("cov_term")
-  cov.set_yscale("log")
-  cov.legend(fontsize=8)
+  _covariance_panel(cov, rows, lambda r: f"shards/client {r['label']}")
   _bars(acc, rows, "final_accuracy")
   acc.set_xlabel("shards per client (fewer = more skewed)")
   acc.set_ylabel("final test accuracy")
   _finish(fig, (cov, acc), title, path)
+
+
+def _covariance_panel(ax, rows: Sequence[dict[str, Any]], name, floor=None) -> None:
+  """Each row's covariance term per round (seed mean, 95 % band) on a log axis, labelled
+  `name(row)`."""
+  for i, r in enumerate(rows):
+    _banded(ax, r["cov_term"], f"C{i % 10}", name(r), floor)
+  ax.set_xlabel("round")
+  ax.set_ylabel("cov_term")
+  ax.set_yscale("log")
+  ax.legend(fontsize=8)
+
+
+COV_FLOOR = 1e-5  # E7's log axis starts here; the bands of 3 seeds reach below 0
+
+
+def covariance_curves(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
+  """E7: the aggregation error each rule leaves, per round (seed mean, 95 % band held at
+  COV_FLOOR). The exact rules' term is 0 up to float32 round-off: below COV_FLOOR in every round
+  and seed, it is not drawn, and those rules are named under the axis instead.
+
+  Rows hold `label` and per seed `cov_term` (per round).
+  """
+  exact = [r["label"] for r in rows if np.max(np.abs(r["cov_term"])) < COV_FLOOR]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  _covariance_panel(ax, [r for r in rows if r["label"] not in exact], lambda r: r["label"],
+                    COV_FLOOR)
+  ax.set_ylim(bottom=COV_FLOOR)
+  if exact:
+    ax.set_xlabel(f"round   (below {COV_FLOOR:g} in every round, not drawn: "
+                  + ", ".join(exact) + ")")
+  _finish(fig, (ax,), title, path)
 
 
 def heatmaps(records: Sequence[dict[str, Any]], row_key: str, col_key: str,

@@ -593,6 +593,9 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
     budget = e7.budget_rows(scale, rounds, checkpoint, seeds)
     common.write_json(os.path.join(out, "e7_budget.json"), budget)
     table, plot = e7.table(records) + "\n" + e7.budget_table(budget), "e7_rules.png"
+    plots.covariance_curves(e7.covariance_rows(runs), os.path.join(out, "e7_cov.png"),
+                            title=f"E7: aggregation error per round at rank {e7.RANK}")
+    table += "\n![E7: aggregation error per round](e7_cov.png)\n"
     plots.accuracy_curves([r for r in runs if "diverged" not in r], lambda r: r["method"],
                           os.path.join(out, plot),
                           title=f"E7: aggregation rules and SOFT at rank {e7.RANK}")

@@ -556,3 +556,7 @@ def test_e7_driver_runs_every_rule_and_soft_as_seeded_runs(cache_dir, tmp_path):
     ranks = [int(r) for r in b["latency_over_budget_at_rank"]]
     assert all(t["rank"][0] in ranks for t in b["tsfa"])
   assert "TSFA q = 0.0" in open(os.path.join(out, "e7.md")).read()
+  assert os.path.getsize(os.path.join(out, "e7_cov.png")) > 10_000
+  some = [json.load(open(os.path.join(out, "runs", f"e7_{n}.json")))
+          for n in ("fedit", "ffa_tsfa", "soft")]
+  assert [r["label"] for r in e7.covariance_rows(some)] == ["fedit", "soft"]  # fixed runs only
