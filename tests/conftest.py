@@ -1,6 +1,18 @@
 """Four fake CPU devices for the whole suite, set before any test touches a backend, so the
 sharding tests (tests/test_mesh.py) run in-process. Unsharded code places everything on
-device 0 as before."""
+device 0 as before.
+
+Compiling dominates the suite's time, and many tests compile the same programs (the testing
+config's round, in-process and in launcher subprocesses). So each test process (each
+pytest-xdist worker) keeps one persistent XLA cache for itself and the subprocesses it starts,
+which inherit it through the environment. A cache per process means two processes never write
+one entry at once; tests whose subprocess is killed mid-run, or that run two at once, or that
+time compilation start theirs without it (`support.env_without_compilation_cache`)."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 
@@ -8,9 +20,24 @@ jax.config.update("jax_num_cpu_devices", 4)
 
 import pytest  # noqa: E402
 
+from tests import support  # noqa: E402
+
+
+def _share_one_compilation_cache() -> None:
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own cache: leave it alone
+    return
+  path = tempfile.mkdtemp(prefix="softjax-test-xla-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ.update(support.compilation_cache_env(path))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_share_one_compilation_cache()
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   """One backbone cache for the whole session: the tiny backbone is pretrained once."""
   return str(tmp_path_factory.mktemp("backbones"))
-

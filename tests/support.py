@@ -134,3 +134,21 @@ def make_config(cache_dir, rounds=ROUNDS, **overrides):
 def comparable(rows):
   """Rows without wall-clock fields: what must match bit for bit between runs."""
   return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_FIELDS} for r in rows]
+
+
+_CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+
+
+def compilation_cache_env(path):
+  """The environment that points a JAX process at the persistent compilation cache in path,
+  caching every program however small or quick to compile."""
+  return dict(zip(_CACHE_VARS, (path, "0", "-1")))
+
+
+def env_without_compilation_cache(**extra):
+  """os.environ without the suite's compilation cache (conftest.py), plus extra: for a
+  subprocess that is killed mid-run (it could leave a cut-off entry that later reads warn
+  about), that runs beside another one, or whose compilation is what it measures."""
+  env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARS}
+  return {**env, **extra}

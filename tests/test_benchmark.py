@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.support import env_without_compilation_cache
+
 pytest.importorskip("torch")  # the PyTorch + peft arm; CI installs both (.ci/run)
 pytest.importorskip("peft")
 
@@ -16,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_benchmark_measures_every_section(tmp_path):
   out = str(tmp_path / "bench")
-  env = {**os.environ, "SOFTJAX_CACHE_DIR": str(tmp_path / "cache")}
+  env = env_without_compilation_cache(SOFTJAX_CACHE_DIR=str(tmp_path / "cache"))
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
                          "--rounds=2", "--devices=2", f"--out={out}"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -59,7 +61,8 @@ def test_rules_section_times_every_e7_arm_on_one_machine(tmp_path):
   out = str(tmp_path / "rules")
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
                          "--rounds=3", "--passes=1", "--sections=rules", f"--out={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=env_without_compilation_cache())
   assert done.returncode == 0, done.stderr[-3000:]
   rules = json.load(open(os.path.join(out, "benchmark.json")))["rules"]
   arms = {a["arm"]: a for a in rules["arms"]}
@@ -95,7 +98,8 @@ def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
   out = str(tmp_path / "accel")
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
                          "--rounds=1", "--sections=accelerator", f"--out={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=env_without_compilation_cache())
   assert done.returncode == 0, done.stderr[-3000:]
   accel = json.load(open(os.path.join(out, "benchmark.json")))["accelerator"]
   clients = accel["clients"]
@@ -116,7 +120,8 @@ def test_cpu_levers_times_every_arm_in_its_own_process(tmp_path):
   out = str(tmp_path / "levers.json")
   done = subprocess.run([sys.executable, "-m", "experiments.cpu_levers", "--scale=test",
                          "--passes=1", f"--out={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=env_without_compilation_cache())
   assert done.returncode == 0, done.stderr[-3000:]
   arms = json.load(open(out))["arms"]
   from experiments import round_timing

@@ -18,7 +18,8 @@ from softjax.models import checkpoint as ckpt_lib
 from softjax.run import checkpointing, experiment
 from softjax.run import metrics as metrics_lib
 from softjax.tsfa import solvers
-from tests.support import REPO, ROUNDS, comparable, make_config
+from tests.support import (REPO, ROUNDS, comparable, env_without_compilation_cache,
+                           make_config)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def test_killed_launcher_resumes_to_identical_metrics(uninterrupted, cache_dir, 
   command = [sys.executable, "-m", "experiments.run",
              f"--config=configs/testing.py:rounds={ROUNDS}", f"--workdir={workdir}",
              f"--config.model.cache_dir={cache_dir}"]
+  env = env_without_compilation_cache()
   proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, env=env)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 120
   while len(metrics_lib.read_rows(metrics_path)) < 3 and proc.poll() is None:
@@ -97,7 +99,7 @@ def test_killed_launcher_resumes_to_identical_metrics(uninterrupted, cache_dir, 
   proc.wait()
   killed_at = len(metrics_lib.read_rows(metrics_path))
   assert killed_at < ROUNDS, "the run finished before it could be killed"
-  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "final test accuracy" in done.stdout
   want = metrics_lib.read_rows(os.path.join(full_dir, "metrics.jsonl"))

@@ -14,7 +14,8 @@ from softjax.federated import placement, schedule
 from softjax.federated import round as round_lib
 from softjax.federated import types as fl_types
 from softjax.sparsify import sparsifier as sparsifiers
-from tests.support import make_data, tiny_setup, with_overrides
+from tests.support import (env_without_compilation_cache, make_data, tiny_setup,
+                           with_overrides)
 
 
 def test_suite_sees_four_fake_devices():
@@ -287,7 +288,7 @@ def test_two_process_run_feeds_own_clients_and_equals_one_process(cache_dir, tmp
              "--config.mesh.shard_data=True",
              f"--config.mesh.coordinator_address=127.0.0.1:{port}",
              "--config.mesh.num_processes=2"]
-  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2"}
+  env = env_without_compilation_cache(JAX_NUM_CPU_DEVICES="2")
   procs = [subprocess.Popen(command + [f"--config.mesh.process_id={p}"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for p in range(2)]

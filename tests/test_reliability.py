@@ -723,8 +723,9 @@ def test_sigint_to_the_launcher_prints_one_line_and_resumes(reference, cache_dir
   workdir = str(tmp_path / "sigint")
   cmd = [sys.executable, "-m", "experiments.run", "--config=configs/testing.py:rounds=6",
          f"--workdir={workdir}", f"--config.model.cache_dir={cache_dir}"]
+  env = support.env_without_compilation_cache()
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, env=env)
   for line in proc.stdout:
     if line.startswith("round 3/6"):
       proc.send_signal(signal.SIGINT)
@@ -735,7 +736,7 @@ def test_sigint_to_the_launcher_prints_one_line_and_resumes(reference, cache_dir
   last = err.strip().splitlines()[-1]
   assert re.fullmatch(r"interrupted after round \d \(newest checkpoint: round \d\); run the same "
                       r"command to resume", last), err
-  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
   assert rerun.returncode == 0, rerun.stderr
   assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0]))
 
