@@ -23,12 +23,18 @@ import pytest  # noqa: E402
 from tests import support  # noqa: E402
 
 
+_OURS = "SOFTJAX_TEST_XLA_CACHE"  # which cache dir the suite made
+
+
 def _share_one_compilation_cache() -> None:
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own cache: leave it alone
+  inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  # A user's own cache is left alone; the one an xdist worker inherits from the controller
+  # process is not its own.
+  if inherited and inherited != os.environ.get(_OURS):
     return
   path = tempfile.mkdtemp(prefix="softjax-test-xla-")
   atexit.register(shutil.rmtree, path, ignore_errors=True)
-  os.environ.update(support.compilation_cache_env(path))
+  os.environ.update({**support.compilation_cache_env(path), _OURS: path})
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -718,16 +718,49 @@ def test_ctrl_c_during_a_save_waits_for_the_save():
   assert ran_on == ["after the signal"]
 
 
+WAIT_FOR_SIGINT = r'''
+"""experiments.run, waiting (interruptibly) after round ROUND until a signal comes, so that a
+test's SIGINT lands inside the round loop however fast the rounds are.
+
+  python wait_for_sigint.py ROUND --config=... --workdir=...
+"""
+import functools
+import sys
+import time
+
+from absl import app
+
+from experiments import run
+from softjax.run import experiment
+
+ROUND = int(sys.argv.pop(1))
+
+
+def wait_after(t):
+  if t == ROUND:
+    print("waiting for SIGINT", flush=True)
+    time.sleep(120)
+
+
+experiment.run = functools.partial(experiment.run, on_round_end=wait_after)
+app.run(run.main)
+'''
+
+
 @pytest.mark.slow
 def test_sigint_to_the_launcher_prints_one_line_and_resumes(reference, cache_dir, tmp_path):
+  # The launcher waits after round 3 for the signal: sent on the progress line alone, it raced
+  # the last test-scale rounds (a few ms each) and lost under a loaded CPU.
+  driver = tmp_path / "wait_for_sigint.py"
+  driver.write_text(WAIT_FOR_SIGINT)
   workdir = str(tmp_path / "sigint")
-  cmd = [sys.executable, "-m", "experiments.run", "--config=configs/testing.py:rounds=6",
-         f"--workdir={workdir}", f"--config.model.cache_dir={cache_dir}"]
-  env = support.env_without_compilation_cache()
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env)
+  flags = ["--config=configs/testing.py:rounds=6", f"--workdir={workdir}",
+           f"--config.model.cache_dir={cache_dir}"]
+  env = support.env_without_compilation_cache(PYTHONPATH=REPO)
+  proc = subprocess.Popen([sys.executable, str(driver), "3", *flags], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:
-    if line.startswith("round 3/6"):
+    if line.startswith("waiting for SIGINT"):
       proc.send_signal(signal.SIGINT)
       break
   _, err = proc.communicate(timeout=120)
@@ -736,7 +769,8 @@ def test_sigint_to_the_launcher_prints_one_line_and_resumes(reference, cache_dir
   last = err.strip().splitlines()[-1]
   assert re.fullmatch(r"interrupted after round \d \(newest checkpoint: round \d\); run the same "
                       r"command to resume", last), err
-  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+  rerun = subprocess.run([sys.executable, "-m", "experiments.run", *flags], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=env)
   assert rerun.returncode == 0, rerun.stderr
   assert comparable(rows_of(workdir)) == comparable(rows_of(reference[0]))
 
