@@ -16,8 +16,9 @@ Every figure is measured side by side in one run on one machine and reported as 
   clients      device bytes, host bytes and round time against N and K, per-client state on
                the device vs on the host (experiments/store_benchmark.py).
   rules        (not in the default list) E7's round per aggregation rule and SOFT, every rule
-               on one machine, interleaved passes (experiments/rule_benchmark.py):
-               python -m experiments.benchmark --sections=rules --rounds=6 --out=DIR
+               on one machine, interleaved passes (experiments/rule_benchmark.py; --rules
+               picks some beside FedIT):
+               python -m experiments.benchmark --sections=rules --rounds=8 --passes=4 --out=DIR
   accelerator  (not in the default list) the GPU check: vmapped vs sequential vs Python-loop
                clients, a 16-member sweep vs 16 runs, torch on CUDA, peak memory, FLOP
                utilization (experiments/accelerator_benchmark.py):
@@ -65,6 +66,8 @@ _SECTIONS = flags.DEFINE_list("sections", "torch,parallelism,mesh,flops,compile,
                               "Which measurements to run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Timed rounds per arm; 0 = the scale's default.")
 _PASSES = flags.DEFINE_integer("passes", 2, "Interleaved passes over the arms (rules section).")
+_RULES = flags.DEFINE_list("rules", [], "Rules section: the arms to time beside FedIT (default: "
+                          "every rule and SOFT).")
 _DEVICES = flags.DEFINE_list("devices", "2,4", "Mesh sizes for the mesh section.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one section in this subprocess.")
 
@@ -177,8 +180,8 @@ def measure(scale_name: str, sections: list[str], devices: list[int]) -> dict:
     record["clients"] = store_benchmark.section_clients(scale, scale_name, scale.rounds)
   if "rules" in sections:
     from experiments import rule_benchmark
-    record["rules"] = rule_benchmark.section_rules(scale_name, scale.rounds,
-                                                     _PASSES.value)
+    record["rules"] = rule_benchmark.section_rules(scale_name, scale.rounds, _PASSES.value,
+                                                     _RULES.value or None)
   if "accelerator" in sections:
     from experiments import accelerator_benchmark
     record["accelerator"] = accelerator_benchmark.section_accelerator(scale, scale_name,

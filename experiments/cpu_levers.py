@@ -19,13 +19,23 @@ import sys
 from absl import flags
 
 from experiments import common, round_timing
+from softjax import errors
 
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
 _PASSES = flags.DEFINE_integer("passes", 2, "Times each arm runs, interleaved with the others.")
 _OUT = flags.DEFINE_string("out", None, "Write the record as JSON here.")
+_ARMS = flags.DEFINE_list("arms", [], "The levers to time beside the default (default: all).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: time one arm (its parallelism).")
 
 ARMS = round_timing.CPU_LEVERS
+
+
+def chosen_arms(names) -> dict[str, tuple[str, int]]:
+  """Every lever, or the default (the baseline) and the named ones, in ARMS' order."""
+  unknown = [n for n in names if n not in ARMS]
+  if unknown:
+    raise errors.UserError(f"--arms has unknown names {unknown}; allowed: {', '.join(ARMS)}")
+  return {n: a for n, a in ARMS.items() if not names or n == "default" or n in names}
 
 
 def _child(parallelism: int) -> None:
@@ -45,14 +55,15 @@ def _time_arm(xla_flags: str, parallelism: int) -> dict:
 
 
 def measure() -> dict:
-  runs = {name: [] for name in ARMS}
+  timed = chosen_arms(_ARMS.value)
+  runs = {name: [] for name in timed}
   for _ in range(_PASSES.value):
-    for name, (xla_flags, parallelism) in ARMS.items():
+    for name, (xla_flags, parallelism) in timed.items():
       runs[name].append(_time_arm(xla_flags, parallelism))
   arms = {}
   for name, passes in runs.items():
     rounds = [t for p in passes for t in p["round_s_all"]]
-    arms[name] = {"xla_flags": ARMS[name][0], "parallelism": ARMS[name][1],
+    arms[name] = {"xla_flags": timed[name][0], "parallelism": timed[name][1],
                   "round_s": round_timing.median(rounds),
                   "pass_medians": [round_timing.median(p["round_s_all"]) for p in passes]}
   base = arms["default"]["round_s"]
@@ -79,7 +90,7 @@ def main(argv):
   if _CHILD.value is not None:
     _child(int(_CHILD.value))
     return
-  record = measure()
+  record = common.exit_on_user_error(measure)
   print(markdown(record))
   if _OUT.value:
     common.write_json(_OUT.value, record)

@@ -65,24 +65,33 @@ def _rule_tsfa_config(rule: str, scale: str, rounds: int, checkpoint: str):
   return config.lock()
 
 
+def plan(scale: str, rounds: int, checkpoint: str,
+         rules=choices.AGGREGATION_RULES) -> list[tuple[str, Any, dict[str, Any]]]:
+  """E7's seeded runs as (name, config, meta): each of `rules` (default every selectable rule)
+  fixed, SOFT fixed, SOFT + TSFA, and each of `rules` that has a TSFA row under TSFA."""
+  out = [(f"e7_{rule}", _rule_config(rule, scale, rounds, checkpoint),
+          {"method": rule, "rank": RANK, "keep_ratio": 1.0}) for rule in rules]
+  out.append(("e7_soft", arm_config(SOFT_ARM, scale, rounds, checkpoint),
+              {"method": "soft", "rank": RANK, "keep_ratio": KEEP_RATIO}))
+  out.append(("e7_soft_tsfa", tsfa_config.get_config(
+      f"controller=tsfa,scale={scale},rounds={rounds},checkpoint={checkpoint}"),
+      {"method": "soft+tsfa", "rank": None, "keep_ratio": None}))
+  out += [(f"e7_{rule}_tsfa", _rule_tsfa_config(rule, scale, rounds, checkpoint),
+           {"method": f"{rule}+tsfa", "rank": None, "keep_ratio": None})
+          for rule in tsfa_rules(rules)]
+  return out
+
+
+def tsfa_rules(rules=choices.AGGREGATION_RULES) -> tuple[str, ...]:
+  """The rules among `rules` that E7 also runs under TSFA, in TSFA_RULES' order."""
+  return tuple(r for r in TSFA_RULES if r in rules)
+
+
 def run(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str,
-        workdirs: str) -> list[dict[str, Any]]:
-  """E7's seeded runs: every selectable rule, SOFT fixed, SOFT + TSFA, the rules + TSFA."""
-  records = [seeded.run(f"e7_{rule}", _rule_config(rule, scale, rounds, checkpoint), seeds,
-                        runs, workdirs, {"method": rule, "rank": RANK, "keep_ratio": 1.0})
-             for rule in choices.AGGREGATION_RULES]
-  soft = arm_config(SOFT_ARM, scale, rounds, checkpoint)
-  records.append(seeded.run("e7_soft", soft, seeds, runs, workdirs,
-                            {"method": "soft", "rank": RANK, "keep_ratio": KEEP_RATIO}))
-  tsfa = tsfa_config.get_config(f"controller=tsfa,scale={scale},rounds={rounds},"
-                                f"checkpoint={checkpoint}")
-  records.append(seeded.run("e7_soft_tsfa", tsfa, seeds, runs, workdirs,
-                            {"method": "soft+tsfa", "rank": None, "keep_ratio": None}))
-  records += [seeded.run(f"e7_{rule}_tsfa", _rule_tsfa_config(rule, scale, rounds, checkpoint),
-                         seeds, runs, workdirs,
-                         {"method": f"{rule}+tsfa", "rank": None, "keep_ratio": None})
-              for rule in TSFA_RULES]
-  return records
+        workdirs: str, rules=choices.AGGREGATION_RULES) -> list[dict[str, Any]]:
+  """E7's seeded runs (`plan`), each resumed from its summary in `runs` when there."""
+  return [seeded.run(name, config, seeds, runs, workdirs, meta)
+          for name, config, meta in plan(scale, rounds, checkpoint, rules)]
 
 
 def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -144,7 +153,7 @@ def _replay_config(rule: str, scale: str, rounds: int, checkpoint: str, seed: in
 
 
 def budget_rows(scale: str, rounds: int, checkpoint: str, seeds: list[int],
-                quantiles=QUANTILES) -> list[dict[str, Any]]:
+                quantiles=QUANTILES, rules=TSFA_RULES) -> list[dict[str, Any]]:
   """Can a whole upload hold the budget, and at which rank? Per TSFA rule, replayed without
   training (experiments/latency_replay.py; exact for dense uploads): the mean latency / Tbar
   of every candidate rank under the least-latency split (osfa at that rank), and the rank
@@ -152,7 +161,7 @@ def budget_rows(scale: str, rounds: int, checkpoint: str, seeds: list[int],
   base = _rule_tsfa_config(TSFA_RULES[0], scale, rounds, checkpoint)
   shared = setup_lib.build_shared(base)
   out = []
-  for rule in TSFA_RULES:
+  for rule in rules:
     per_rank = {r: [latency_replay.replay(
         _replay_config(rule, scale, rounds, checkpoint, s, **{"controller.name": "osfa",
                                                               "lora.rank": r}),

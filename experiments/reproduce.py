@@ -9,7 +9,7 @@ r"""Reproduction drivers for the experiments of ALGORITHM.md section 8.
       --runs=docs/results/runs --summary=docs/results/summary.json --workdirs=/tmp/softjax_runs
   python -m experiments.reproduce --experiment=e4 --scale=cpu --out=docs/results/e4 \
       --runs=docs/results/runs --summary=docs/results/summary.json --workdirs=/tmp/softjax_runs
-  (e5, e6 likewise, --seeds=0,1,2)
+  (e5, e6, e7 likewise, --seeds=0,1,2; e7 --rules=fedit,ffa runs those rules beside SOFT)
   python -m experiments.reproduce --experiment=all --scale=cpu --out=results  # + report.md,
       # runs in results/runs, claims in results/summary.json
   python -m experiments.reproduce --experiment=orthogonality --out=docs/results/orthogonality \
@@ -45,6 +45,7 @@ from experiments.tables import num as _num
 from experiments.tables import per_seed as _per_seed
 from experiments.tables import row_claims as _row_claims
 from softjax import errors
+from softjax.config import choices
 from softjax.run import experiment
 
 SEEDS_DEFAULT = (0, 1, 2, 3, 4)
@@ -67,6 +68,8 @@ _SEEDS = flags.DEFINE_list("seeds", [str(s) for s in SEEDS_DEFAULT],
                            "at least 5 in E1, E2, E4, 3 in E3, E5, E6).")
 _VARIANTS = flags.DEFINE_list("variants", list(orthogonality.VARIANTS),
                               "E1 and orthogonality: SOFT's variants to run, in order.")
+_RULES = flags.DEFINE_list("rules", list(choices.AGGREGATION_RULES),
+                          "E7: the aggregation rules to run (SOFT and SOFT + TSFA always run).")
 _RUNS = flags.DEFINE_string("runs", None, "Where each seeded run's summary JSON goes (commit "
                             "them); default: OUT/runs.")
 _WORKDIRS = flags.DEFINE_string("workdirs", None, "The runs' workdirs (checkpoints: do not "
@@ -587,10 +590,11 @@ def run_experiment(name: str, out: str, scale: str, rounds: int, checkpoint: str
                               title="E6: SOFT + TSFA under channel and client impairments")
   elif name == "e7":
     seeds, runs_dir, workdirs = _seeded_dirs(out, root)
-    runs = e7.run(scale, rounds, checkpoint, seeds, runs_dir, workdirs)
+    rules = _rules()
+    runs = e7.run(scale, rounds, checkpoint, seeds, runs_dir, workdirs, rules)
     records = e7.rows(runs)
     claims.update(_summary_path(root), "e7", e7.claims(records))
-    budget = e7.budget_rows(scale, rounds, checkpoint, seeds)
+    budget = e7.budget_rows(scale, rounds, checkpoint, seeds, rules=e7.tsfa_rules(rules))
     common.write_json(os.path.join(out, "e7_budget.json"), budget)
     table, plot = e7.table(records) + "\n" + e7.budget_table(budget), "e7_rules.png"
     plots.covariance_curves(e7.covariance_rows(runs), os.path.join(out, "e7_cov.png"),
@@ -647,6 +651,14 @@ def _variants() -> list[str]:
     raise errors.UserError(f"--variants has unknown names {unknown}; allowed: "
                            f"{', '.join(orthogonality.VARIANTS)}")
   return _VARIANTS.value
+
+
+def _rules() -> list[str]:
+  unknown = [r for r in _RULES.value if r not in choices.AGGREGATION_RULES]
+  if unknown or not _RULES.value:
+    raise errors.UserError(f"--rules has unknown names {unknown or 'none given'}; allowed: "
+                           f"{', '.join(choices.AGGREGATION_RULES)}")
+  return _RULES.value
 
 
 def _run_orthogonality(out: str) -> str:

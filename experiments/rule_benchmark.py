@@ -22,10 +22,18 @@ EVAL_EXAMPLES = 200
 BASELINE = "fedit"
 
 
-def arms() -> tuple[str, ...]:
+def arms(chosen=None) -> tuple[str, ...]:
+  """Every rule and SOFT, or FedIT (the baseline) and the `chosen` ones, in that order."""
   from experiments import e7
+  from softjax import errors
   from softjax.config import choices
-  return (*choices.AGGREGATION_RULES, e7.SOFT_ARM)
+  every = (*choices.AGGREGATION_RULES, e7.SOFT_ARM)
+  if chosen is None:
+    return every
+  unknown = [a for a in chosen if a not in every]
+  if unknown:
+    raise errors.UserError(f"--rules has unknown names {unknown}; allowed: {', '.join(every)}")
+  return tuple(a for a in every if a == BASELINE or a in chosen)
 
 
 def timing_config(arm: str, config_scale: str, rounds: int):
@@ -40,16 +48,18 @@ def timing_config(arm: str, config_scale: str, rounds: int):
   return config.lock()
 
 
-def section_rules(scale_name: str, rounds: int, passes: int = 2) -> dict:
-  """Per arm the round's median over `passes` interleaved runs of `rounds` rounds each."""
+def section_rules(scale_name: str, rounds: int, passes: int = 2, chosen=None) -> dict:
+  """Per arm (`arms(chosen)`) the round's median over `passes` interleaved runs of `rounds`
+  rounds each."""
   from softjax.run import experiment
 
   if rounds < 2:
     raise SystemExit("error: the rules section needs --rounds >= 2 (round 1 compiles)")
-  times = {arm: [] for arm in arms()}
-  traces = {arm: [] for arm in arms()}
+  timed = arms(chosen)
+  times = {arm: [] for arm in timed}
+  traces = {arm: [] for arm in timed}
   for _ in range(passes):
-    for arm in arms():
+    for arm in timed:
       config = timing_config(arm, CONFIG_SCALE[scale_name], rounds)
       with tempfile.TemporaryDirectory() as tmp:
         summary = experiment.run(config, tmp)
@@ -57,7 +67,7 @@ def section_rules(scale_name: str, rounds: int, passes: int = 2) -> dict:
       traces[arm].append(summary["round_traces"])
   base = statistics.median(t for run in times[BASELINE] for t in run)
   out = []
-  for arm in arms():
+  for arm in timed:
     median = statistics.median(t for run in times[arm] for t in run)
     out.append({"arm": arm, "round_s": median, "over_fedit": median / base,
                 "per_pass_s": [statistics.median(run) for run in times[arm]],

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.support import env_without_compilation_cache
+from tests.support import env_for_timing
 
 pytest.importorskip("torch")  # the PyTorch + peft arm; CI installs both (.ci/run)
 pytest.importorskip("peft")
@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_benchmark_measures_every_section(tmp_path):
   out = str(tmp_path / "bench")
-  env = env_without_compilation_cache(SOFTJAX_CACHE_DIR=str(tmp_path / "cache"))
+  env = env_for_timing(SOFTJAX_CACHE_DIR=str(tmp_path / "cache"))
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
                          "--rounds=2", "--devices=2", f"--out={out}"],
                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -55,25 +55,36 @@ def test_benchmark_measures_every_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_rules_section_times_every_e7_arm_on_one_machine(tmp_path):
-  from experiments import rule_benchmark
-
+def test_rules_section_times_e7_arms_on_one_machine(tmp_path):
   out = str(tmp_path / "rules")
+  # Two arms beside FedIT (the default times all ten: test_rules_section_arms_...).
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
-                         "--rounds=3", "--passes=1", "--sections=rules", f"--out={out}"],
+                         "--rounds=3", "--passes=1", "--sections=rules", "--rules=hetlora,soft",
+                         f"--out={out}"],
                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=env_without_compilation_cache())
+                        env=env_for_timing())
   assert done.returncode == 0, done.stderr[-3000:]
   rules = json.load(open(os.path.join(out, "benchmark.json")))["rules"]
   arms = {a["arm"]: a for a in rules["arms"]}
-  assert tuple(arms) == rule_benchmark.arms() and "hetlora" in arms and "soft" in arms
+  assert tuple(arms) == ("fedit", "hetlora", "soft")
   assert arms["fedit"]["over_fedit"] == 1.0
   for a in arms.values():
     assert a["round_traces"] == [1], a  # one trace per run: no recompiles between rounds
     assert len(a["per_pass_s"]) == 1 and a["round_s"] > 0
     assert a["over_fedit"] == pytest.approx(a["round_s"] / arms["fedit"]["round_s"])
   table = open(os.path.join(out, "benchmark.md")).read()
-  assert "| flora |" in table and "vs FedIT" in table
+  assert "| hetlora |" in table and "vs FedIT" in table
+
+
+def test_rules_section_arms_are_every_rule_and_soft_or_fedit_and_the_chosen():
+  from experiments import rule_benchmark
+  from softjax import errors
+  from softjax.config import choices
+
+  assert rule_benchmark.arms() == (*choices.AGGREGATION_RULES, "soft")
+  assert rule_benchmark.arms(["soft", "flora"]) == ("fedit", "flora", "soft")
+  with pytest.raises(errors.UserError, match=r"--rules has unknown names \['fedavg'\]"):
+    rule_benchmark.arms(["fedavg"])
 
 
 def test_rules_section_times_e7_configurations_with_only_evaluation_and_backbone_changed():
@@ -99,7 +110,7 @@ def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--scale=test",
                          "--rounds=1", "--sections=accelerator", f"--out={out}"],
                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=env_without_compilation_cache())
+                        env=env_for_timing())
   assert done.returncode == 0, done.stderr[-3000:]
   accel = json.load(open(os.path.join(out, "benchmark.json")))["accelerator"]
   clients = accel["clients"]
@@ -116,19 +127,30 @@ def test_accelerator_section_runs_every_arm_at_test_scale(tmp_path):
 
 
 @pytest.mark.slow
-def test_cpu_levers_times_every_arm_in_its_own_process(tmp_path):
+def test_cpu_levers_time_each_arm_in_its_own_process(tmp_path):
   out = str(tmp_path / "levers.json")
+  # Two levers beside the default (the default run times all: test_cpu_levers_arms_...).
   done = subprocess.run([sys.executable, "-m", "experiments.cpu_levers", "--scale=test",
-                         "--passes=1", f"--out={out}"],
+                         "--passes=1", "--arms=onednn,all_clients_vmapped", f"--out={out}"],
                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=env_without_compilation_cache())
+                        env=env_for_timing())
   assert done.returncode == 0, done.stderr[-3000:]
   arms = json.load(open(out))["arms"]
-  from experiments import round_timing
-  assert set(arms) == set(round_timing.CPU_LEVERS)
+  assert list(arms) == ["default", "all_clients_vmapped", "onednn"]
   assert arms["default"]["speedup_vs_default"] == 1.0
   assert arms["onednn"]["xla_flags"] == "--xla_cpu_use_onednn=true"
+  assert arms["all_clients_vmapped"]["parallelism"] == 0  # 0: all K clients in one vmap
   assert all(a["round_s"] > 0 and len(a["pass_medians"]) == 1 for a in arms.values())
+
+
+def test_cpu_levers_arms_are_every_lever_or_the_default_and_the_named():
+  from experiments import cpu_levers, round_timing
+  from softjax import errors
+
+  assert cpu_levers.chosen_arms([]) == round_timing.CPU_LEVERS
+  assert list(cpu_levers.chosen_arms(["fast_math"])) == ["default", "fast_math"]
+  with pytest.raises(errors.UserError, match=r"--arms has unknown names \['avx'\]"):
+    cpu_levers.chosen_arms(["avx"])
 
 
 def test_machine_names_the_cpu_generation_behind_a_vendor_only_model_name():

@@ -525,34 +525,56 @@ def test_last_round_adds_the_whole_split_from_the_same_pass(cache_dir, tmp_path)
   assert whole["final_accuracy_full"] is None  # no subset, nothing more to report
 
 
-@pytest.mark.slow
-def test_e7_driver_runs_every_rule_and_soft_as_seeded_runs(cache_dir, tmp_path):
-  # About 20 seeded runs (TSFA runs some seed by seed) and the budget replays: 9-10 min alone on
-  # a 2-core Zen 1, more when the cores are shared.
-  out = reproduce(cache_dir, str(tmp_path / "e7"), "e7", "--rounds=2", "--seeds=0,1",
-                  timeout=1800)
+def test_e7_plan_runs_every_rule_fixed_and_under_tsfa_and_soft_both_ways():
   from experiments import e7
   from softjax.config import choices
+  names = [name for name, _, _ in e7.plan("test", 2, "unused.npz")]
+  assert names == ([f"e7_{r}" for r in choices.AGGREGATION_RULES] + ["e7_soft", "e7_soft_tsfa"]
+                   + [f"e7_{r}_tsfa" for r in e7.TSFA_RULES])
+  assert "hetlora" not in e7.TSFA_RULES and len(e7.TSFA_RULES) == len(choices.AGGREGATION_RULES) - 1
+  assert e7.tsfa_rules(("hetlora", "ffa", "fedit")) == ("fedit", "ffa")
+  some = {name: (config, meta) for name, config, meta in e7.plan("test", 2, "x", ("fedsa",))}
+  assert list(some) == ["e7_fedsa", "e7_soft", "e7_soft_tsfa", "e7_fedsa_tsfa"]
+  assert some["e7_fedsa_tsfa"][0].controller.name == "tsfa"
+  assert some["e7_fedsa_tsfa"][0].method.rule == some["e7_fedsa"][0].method.rule == "fedsa"
+  assert some["e7_soft"][1] == {"method": "soft", "rank": e7.RANK, "keep_ratio": e7.KEEP_RATIO}
+
+
+def test_e7_driver_refuses_an_unknown_rule_in_one_line(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--experiment=e7",
+                         "--scale=test", f"--out={tmp_path}", "--rules=fedit,fedavg"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and "Traceback" not in done.stderr
+  assert "--rules has unknown names ['fedavg']" in done.stderr
+
+
+@pytest.mark.slow
+def test_e7_driver_runs_rules_and_soft_as_seeded_runs(cache_dir, tmp_path):
+  # Three rules (the default runs all nine: test_e7_plan_runs_every_rule...), SOFT, SOFT + TSFA,
+  # the two rules that have a TSFA row under TSFA, and their budget replays.
+  out = reproduce(cache_dir, str(tmp_path / "e7"), "e7", "--rounds=2", "--seeds=0,1",
+                  "--rules=fedit,ffa,hetlora", timeout=1200)
+  from experiments import e7
   assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(
-      [f"e7_{r}.json" for r in choices.AGGREGATION_RULES] + ["e7_soft.json", "e7_soft_tsfa.json"]
-      + [f"e7_{r}_tsfa.json" for r in e7.TSFA_RULES])
+      ["e7_fedit.json", "e7_ffa.json", "e7_hetlora.json", "e7_soft.json", "e7_soft_tsfa.json",
+       "e7_fedit_tsfa.json", "e7_ffa_tsfa.json"])
   rows = {r["label"]: r for r in json.load(open(os.path.join(out, "e7.json")))}
-  assert set(rows) == (set(choices.AGGREGATION_RULES) | {"soft", "soft+tsfa"}
-                       | {f"{r}+tsfa" for r in e7.TSFA_RULES})
-  assert "hetlora+tsfa" not in rows and len(e7.TSFA_RULES) == len(choices.AGGREGATION_RULES) - 1
+  assert set(rows) == {"fedit", "ffa", "hetlora", "soft", "soft+tsfa", "fedit+tsfa", "ffa+tsfa"}
   for r in rows.values():
     assert len(r["final_accuracy"]) == 2 and len(r["accuracy_at_equal_uplink"]) == 2
   # A frozen factor is not uploaded: FFA sends less than FedIT, and leaves no covariance term.
   assert max(rows["ffa"]["uplink_mb"]) < min(rows["fedit"]["uplink_mb"])
   assert max(rows["ffa"]["mean_cov_term"]) < 1e-4 < min(rows["fedit"]["mean_cov_term"])
+  # HetLoRA's clients at ranks 2/4/8 send less than FedIT's, all at rank 8.
+  assert max(rows["hetlora"]["uplink_mb"]) < min(rows["fedit"]["uplink_mb"])
   claims = json.load(open(os.path.join(out, "summary.json")))
   assert {c["method"] for c in claims if c["experiment"] == "e7"} == set(rows)
-  assert "| flexlora |" in open(os.path.join(out, "e7.md")).read()
+  assert "| hetlora |" in open(os.path.join(out, "e7.md")).read()
   assert os.path.getsize(os.path.join(out, "e7_rules.png")) > 10_000
   # The budget question, replayed without training: its TSFA rank at the default quantile and
   # the latency that rank gives are the TSFA rows' own.
   budget = {b["rule"]: b for b in json.load(open(os.path.join(out, "e7_budget.json")))}
-  assert tuple(budget) == e7.TSFA_RULES
+  assert tuple(budget) == ("fedit", "ffa")
   for rule, b in budget.items():
     median = next(t for t in b["tsfa"] if t["quantile"] == 0.5)
     assert median["rank"] == rows[f"{rule}+tsfa"]["seed_ranks"]
