@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softjax.models.lora import factor_pairs, scale_components
+from softjax.models.lora import factor_pairs, is_fold, scale_components
 from softjax.sparsify import lapack
 from softjax.sparsify.reorthogonalize import product_svd
 
@@ -267,10 +267,6 @@ def _folding_aggregate(rule: str, b: jax.Array, a: jax.Array, p: jax.Array,
                         fold_right=jnp.concatenate([right, new["A"]], axis=0))
 
 
-def _is_fold(node) -> bool:
-  return isinstance(node, dict) and set(node) == {"W"}
-
-
 def fold_update(rule: str, global_lora, sent, weights: jax.Array, new_lora, folds):
   """A folding rule's server side: each layer's fold (lora.zero_folds) grows by
   sum_k p_k B_k A_k - B' A' of this round (FedEx-LoRA: the residual of separate averaging;
@@ -278,7 +274,7 @@ def fold_update(rule: str, global_lora, sent, weights: jax.Array, new_lora, fold
   average of the clients' models. One d_out x d_in product per layer, on the server only."""
   layers, _ = _received(global_lora, sent)
   new_pairs, _ = factor_pairs(new_lora)
-  leaves, treedef = jax.tree.flatten(folds, is_leaf=_is_fold)
+  leaves, treedef = jax.tree.flatten(folds, is_leaf=is_fold)
   out = []
   for fold, (b, a), new in zip(leaves, layers, new_pairs):
     result = _folding_aggregate(rule, b, a, weights, new)

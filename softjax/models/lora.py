@@ -97,6 +97,11 @@ def is_factor_pair(node: Any) -> bool:
   return isinstance(node, Mapping) and set(node.keys()) == {"A", "B"}
 
 
+def is_fold(node: Any) -> bool:
+  """True for the `{"W"}` dict of one adapted layer's fold (`zero_folds`)."""
+  return isinstance(node, Mapping) and set(node.keys()) == {"W"}
+
+
 def factor_pairs(lora_tree: PyTree) -> tuple[list[dict[str, jax.Array]], Any]:
   """The `{"A", "B"}` dicts of a LoRA tree in `jax.tree` order, and the treedef above them."""
   pairs, treedef = jax.tree.flatten(lora_tree, is_leaf=is_factor_pair)
@@ -145,7 +150,7 @@ def fold_into(frozen: PyTree, folds: PyTree, scale: float) -> PyTree:
   """
   if not isinstance(folds, Mapping) or not folds:
     return frozen
-  if set(folds) == {"W"}:
+  if is_fold(folds):
     kernel = frozen["kernel"]
     return {**frozen, "kernel": kernel + scale * folds["W"].T.reshape(kernel.shape)}
   return {name: fold_into(sub, folds[name], scale) if name in folds else sub
