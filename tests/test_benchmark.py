@@ -143,6 +143,20 @@ def test_cpu_levers_time_each_arm_in_its_own_process(tmp_path):
   assert all(a["round_s"] > 0 and len(a["pass_medians"]) == 1 for a in arms.values())
 
 
+def test_rules_section_pairs_each_pass_with_fedit_s_pass():
+  from experiments import rule_benchmark
+
+  record = {"config_scale": "cpu", "rounds": 4, "passes": 2,
+            "arms": [{"arm": "fedit", "round_s": 1.5, "per_pass_s": [1.0, 2.0], "over_fedit": 1.0},
+                     {"arm": "fedex", "round_s": 3.0, "per_pass_s": [1.5, 2.4],
+                      "over_fedit": 2.0}]}
+  assert rule_benchmark.paired_ratios(record) == {"fedit": [1.0, 1.0],
+                                                  "fedex": [1.5, pytest.approx(1.2)]}
+  # mean 1.35; half-width t(0.975, 1) * s / sqrt(2) = 12.706 * 0.212 / 1.414 = 1.91
+  assert "| fedex | 3.000 | 1.500 / 2.400 | 2.00x | 1.35 ± 1.91x |" in rule_benchmark.markdown(
+      record)
+
+
 def test_cpu_levers_arms_are_every_lever_or_the_default_and_the_named():
   from experiments import cpu_levers, round_timing
   from softjax import errors
