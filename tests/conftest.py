@@ -7,16 +7,28 @@ config's round, in-process and in launcher subprocesses). So each test process (
 pytest-xdist worker) keeps one persistent XLA cache for itself and the subprocesses it starts,
 which inherit it through the environment. A cache per process means two processes never write
 one entry at once; tests whose subprocess is killed mid-run, or that run two at once, or that
-time compilation start theirs without it (`support.env_without_compilation_cache`)."""
+time compilation start theirs without it (`support.env_without_compilation_cache`).
+
+The suite also compiles with XLA's backend optimizations off (`jax_disable_most_optimizations`:
+LLVM optimization level 0; the HLO passes, fusion among them, still run), for itself and,
+through the environment, its subprocesses. Test-scale programs run in milliseconds, so the LLVM
+passes are most of their cost: tests/test_lora_rules.py took 294 s with them and 209 s without
+on the 2-core Zen 1. The benchmark's subprocesses, which time the programs users run, turn them
+back on (`support.env_for_timing`). A user's own JAX_DISABLE_MOST_OPTIMIZATIONS is left alone."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-import jax
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+# Again after the import, in case a plugin imported JAX before this file set the variable.
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "yes", "on"))
 
 import pytest  # noqa: E402
 

@@ -152,3 +152,10 @@ def env_without_compilation_cache(**extra):
   about), that runs beside another one, or whose compilation is what it measures."""
   env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARS}
   return {**env, **extra}
+
+
+def env_for_timing(**extra):
+  """The environment of a subprocess that times programs: no compilation cache, and XLA's
+  optimizations on, which the suite otherwise turns off (conftest.py), so that it times what
+  users run."""
+  return env_without_compilation_cache(JAX_DISABLE_MOST_OPTIMIZATIONS="0", **extra)
