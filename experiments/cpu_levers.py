@@ -19,23 +19,12 @@ import sys
 from absl import flags
 
 from experiments import common, round_timing
-from softjax import errors
 
 _SCALE = flags.DEFINE_enum("scale", "cpu", ["test", "cpu", "gpu"], "Problem size.")
 _PASSES = flags.DEFINE_integer("passes", 2, "Times each arm runs, interleaved with the others.")
 _OUT = flags.DEFINE_string("out", None, "Write the record as JSON here.")
 _ARMS = flags.DEFINE_list("arms", [], "The levers to time beside the default (default: all).")
 _CHILD = flags.DEFINE_string("child", None, "Internal: time one arm (its parallelism).")
-
-ARMS = round_timing.CPU_LEVERS
-
-
-def chosen_arms(names) -> dict[str, tuple[str, int]]:
-  """Every lever, or the default (the baseline) and the named ones, in ARMS' order."""
-  unknown = [n for n in names if n not in ARMS]
-  if unknown:
-    raise errors.UserError(f"--arms has unknown names {unknown}; allowed: {', '.join(ARMS)}")
-  return {n: a for n, a in ARMS.items() if not names or n == "default" or n in names}
 
 
 def _child(parallelism: int) -> None:
@@ -55,7 +44,7 @@ def _time_arm(xla_flags: str, parallelism: int) -> dict:
 
 
 def measure() -> dict:
-  timed = chosen_arms(_ARMS.value)
+  timed = round_timing.chosen_levers(_ARMS.value)
   runs = {name: [] for name in timed}
   for _ in range(_PASSES.value):
     for name, (xla_flags, parallelism) in timed.items():

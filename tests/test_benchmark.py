@@ -158,13 +158,13 @@ def test_rules_section_pairs_each_pass_with_fedit_s_pass():
 
 
 def test_cpu_levers_arms_are_every_lever_or_the_default_and_the_named():
-  from experiments import cpu_levers, round_timing
+  from experiments import round_timing
   from softjax import errors
 
-  assert cpu_levers.chosen_arms([]) == round_timing.CPU_LEVERS
-  assert list(cpu_levers.chosen_arms(["fast_math"])) == ["default", "fast_math"]
+  assert round_timing.chosen_levers([]) == round_timing.CPU_LEVERS
+  assert list(round_timing.chosen_levers(["fast_math"])) == ["default", "fast_math"]
   with pytest.raises(errors.UserError, match=r"--arms has unknown names \['avx'\]"):
-    cpu_levers.chosen_arms(["avx"])
+    round_timing.chosen_levers(["avx"])
 
 
 def test_machine_names_the_cpu_generation_behind_a_vendor_only_model_name():
