@@ -129,7 +129,9 @@ def table(rows_: list[dict[str, Any]]) -> str:
       ci_col("mean latency / budget", "latency_over_budget", ".3f"),
       ("round (s, all seeds)", lambda r: f"{r['round_s']:.2f}")], rows_) + (
       f"\nMean ± Student-t 95 % half-width over the seeds. Equal uplink: "
-      f"{rows_[0]['equal_uplink_mb']:.3f} MB (the cheapest run's mean total).\n")
+      f"{rows_[0]['equal_uplink_mb']:.3f} MB (the cheapest run's mean total). The round column "
+      "is each sweep's under the machine's load of its day; the rules' compute is compared in "
+      "one process by `python -m experiments.benchmark --sections=rules`.\n")
 
 
 def claims(rows_: list[dict[str, Any]]) -> list[dict[str, Any]]:
