@@ -658,7 +658,7 @@ def _rules() -> list[str]:
   if unknown or not _RULES.value:
     raise errors.UserError(f"--rules has unknown names {unknown or 'none given'}; allowed: "
                            f"{', '.join(choices.AGGREGATION_RULES)}")
-  return _RULES.value
+  return list(dict.fromkeys(_RULES.value))  # a rule named twice runs once
 
 
 def _run_orthogonality(out: str) -> str:
