@@ -15,6 +15,16 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def chosen_names(flag: str, names, allowed) -> list[str]:
+  """A list flag's names, each once, in the order given; one line naming the flag if any is
+  not among `allowed`."""
+  unknown = [n for n in names if n not in allowed]
+  if unknown:
+    raise errors.UserError(f"--{flag} has unknown names {unknown}; allowed: "
+                           f"{', '.join(allowed)}")
+  return list(dict.fromkeys(names))
+
+
 def exit_on_user_error(fn, *args, **kwargs):
   """Calls fn; an error the user can fix ends the program with its one-line message.
 

@@ -646,19 +646,14 @@ def _seeded_dirs(out: str, root: str) -> tuple[list[int], str, str]:
 
 
 def _variants() -> list[str]:
-  unknown = [v for v in _VARIANTS.value if v not in orthogonality.VARIANTS]
-  if unknown:
-    raise errors.UserError(f"--variants has unknown names {unknown}; allowed: "
-                           f"{', '.join(orthogonality.VARIANTS)}")
-  return _VARIANTS.value
+  return common.chosen_names("variants", _VARIANTS.value, orthogonality.VARIANTS)
 
 
 def _rules() -> list[str]:
-  unknown = [r for r in _RULES.value if r not in choices.AGGREGATION_RULES]
-  if unknown or not _RULES.value:
-    raise errors.UserError(f"--rules has unknown names {unknown or 'none given'}; allowed: "
+  if not _RULES.value:
+    raise errors.UserError("--rules is empty; name at least one of "
                            f"{', '.join(choices.AGGREGATION_RULES)}")
-  return list(dict.fromkeys(_RULES.value))  # a rule named twice runs once
+  return common.chosen_names("rules", _RULES.value, choices.AGGREGATION_RULES)
 
 
 def _run_orthogonality(out: str) -> str:

@@ -32,12 +32,9 @@ CPU_LEVERS = {
 
 def chosen_levers(names) -> dict[str, tuple[str, int]]:
   """Every lever, or the default (the baseline) and the named ones, in CPU_LEVERS' order."""
-  from softjax import errors
+  from experiments import common
 
-  unknown = [n for n in names if n not in CPU_LEVERS]
-  if unknown:
-    raise errors.UserError(f"--arms has unknown names {unknown}; allowed: "
-                           f"{', '.join(CPU_LEVERS)}")
+  names = common.chosen_names("arms", names, tuple(CPU_LEVERS))
   return {n: a for n, a in CPU_LEVERS.items() if not names or n == "default" or n in names}
 
 

@@ -24,15 +24,12 @@ BASELINE = "fedit"
 
 def arms(chosen=None) -> tuple[str, ...]:
   """Every rule and SOFT, or FedIT (the baseline) and the `chosen` ones, in that order."""
-  from experiments import e7
-  from softjax import errors
+  from experiments import common, e7
   from softjax.config import choices
   every = (*choices.AGGREGATION_RULES, e7.SOFT_ARM)
   if chosen is None:
     return every
-  unknown = [a for a in chosen if a not in every]
-  if unknown:
-    raise errors.UserError(f"--rules has unknown names {unknown}; allowed: {', '.join(every)}")
+  chosen = common.chosen_names("rules", chosen, every)
   return tuple(a for a in every if a == BASELINE or a in chosen)
 
 

@@ -546,6 +546,11 @@ def test_e7_driver_refuses_an_unknown_rule_in_one_line(tmp_path):
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0 and "Traceback" not in done.stderr
   assert "--rules has unknown names ['fedavg']" in done.stderr
+  empty = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--experiment=e7",
+                          "--scale=test", f"--out={tmp_path}", "--rules="],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert empty.returncode != 0 and "Traceback" not in empty.stderr
+  assert "--rules is empty" in empty.stderr
 
 
 @pytest.mark.slow
