@@ -14,6 +14,7 @@ Intermediate evaluations read the first 2,000 test images; the last round also r
 Arguments (`configs/quickstart.py:rounds=10,head_only`):
   rounds: number of federated rounds.
   clients: K, the clients sampled per round (5; 10 is the lower-variance task, scale cpu_k10).
+  batch: the clients' batch size b (32; 16 with clients=10 is scale cpu_k10_b16).
   head_only: train only the classifier head (the reference LoRA must beat).
   centralized: one client holding all the federated data (IID), trained for K x E = 25 local
     steps a round: the same SGD steps and examples as the federated run, without federation.
@@ -23,13 +24,14 @@ from softjax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, rounds=80, clients=5, head_only=False, centralized=False)
+  args = config_lib.parse_arg(arg, rounds=80, clients=5, batch=32, head_only=False, centralized=False)
   config = config_lib.base_config()
   config.data.name = "fashion_mnist"
   config.model.variant = "cpu_fast"
   config.pretrain.num_classes = 2
   config.fl.rounds = args.rounds
   config.fl.clients_per_round = args.clients
+  config.fl.batch_size = args.batch
   config.fl.client_lr = 0.1
   config.eval.num_examples = 2000
   if args.head_only:

@@ -55,6 +55,16 @@ def test_quickstart_arguments():
           == federated.fl.clients_per_round * federated.fl.local_steps * federated.fl.batch_size)
 
 
+@pytest.mark.parametrize("scale,clients,batch", [
+    ("cpu", 5, 32), ("cpu_k10", 10, 32), ("cpu_k10_b16", 10, 16)])
+def test_cpu_scales_differ_only_in_clients_and_batch(scale, clients, batch):
+  from configs import scales
+  config, base = scales.base_for_scale(scale, ""), scales.base_for_scale("cpu", "")
+  assert (config.fl.clients_per_round, config.fl.batch_size) == (clients, batch)
+  config.fl.clients_per_round, config.fl.batch_size = 5, 32
+  assert config.to_dict() == base.to_dict()
+
+
 # (field, bad value, text the message must contain)
 RULES = [
     ("seed", -1, "integer >= 0"),
