@@ -24,7 +24,8 @@ from softjax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, rounds=80, clients=5, batch=32, head_only=False, centralized=False)
+  args = config_lib.parse_arg(arg, rounds=80, clients=5, batch=32, head_only=False,
+                              centralized=False)
   config = config_lib.base_config()
   config.data.name = "fashion_mnist"
   config.model.variant = "cpu_fast"

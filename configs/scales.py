@@ -4,8 +4,8 @@
           Fashion-MNIST, 20 clients): minutes on a CPU.
   cpu_k10: the same task with K = 10 clients a round instead of 5 (lower seed-to-seed spread,
           about twice the round time): the candidate benchmark task of issue 11.
-  cpu_k10_b16: K = 10 clients a round, each at batch 16 instead of 32: the clients' average of
-          cpu_k10 at about the round time of cpu (docs/results.md).
+  cpu_k10_b16: K = 10 clients a round, each at batch 16 instead of 32: about cpu_k10's spread
+          at about cpu's cost (at rank 8; docs/results.md).
   cpu_v1: the first CPU-scale task (configs/cpu_v1.py), on which the older results were measured.
   paper: ViT-B/16 on CIFAR-100, 100 clients (configs/cifar100_vitb16.py): an accelerator.
   test:  8x8 digits and a 2-block ViT (configs/testing.py): seconds, for tests.
