@@ -7,7 +7,8 @@ One run of the comparison; `python -m experiments.reproduce --experiment=e1` run
 Arguments (`configs/e1.py:method=tlora,rank=4,scale=cpu,rounds=60`):
   method: dense | soft | tlora | rlora | slora.
   rank: LoRA rank.
-  scale: cpu (the quickstart setup), paper (ViT-B/16, CIFAR-100; an accelerator), or test.
+  scale: one of configs/scales.py's SCALES: cpu (the quickstart setup), cpu_k10, cpu_k10_b16,
+    cpu_v1, paper (ViT-B/16, CIFAR-100; an accelerator), or test.
   keep_ratio: O for the sparsified methods (dense always sends everything).
   zeta: SOFT's orthogonality weight (the baselines train without the penalty); SOFT's server
     also re-orthogonalizes its factors every round (configs/scales.py: set_orthogonality).

@@ -15,7 +15,7 @@ Arguments (`configs/tsfa.py:controller=osfa,rank=4,scale=cpu,budget_fraction=0.5
   method: the sparsifier under the controller (soft, tlora, rlora, slora).
   rank: the LoRA rank for osfa / fixed (tsfa chooses its own from rank_candidates).
   keep_ratio: O for controller=fixed.
-  scale: cpu | paper | test (configs/scales.py).
+  scale: one of configs/scales.py's SCALES (cpu, cpu_k10, cpu_k10_b16, cpu_v1, paper, test).
   budget_fraction: Tbar / dense reference latency.
   V: Lyapunov weight.
   spectrum: power_law | pilot (tsfa's offline spectrum model).
