@@ -81,6 +81,9 @@ flags.mark_flags_as_required(["experiment", "out"])
 E1_METHODS = ("dense", "tlora", "rlora", "slora")  # and every SOFT variant of the study
 E1_RANKS = (4, 8)
 E1_KEEP_RATIO = 0.5
+# Head-only trains no adapter, but its config still carries a LoRA rank (and the fingerprint
+# with it): one fixed value, so that `--ranks=4` and `--ranks=4,8` share one head-only run.
+HEAD_ONLY_RANK = max(E1_RANKS)
 REFERENCES = ("centralized", "head_only")  # rows no equal-uplink comparison applies to
 
 
@@ -121,7 +124,7 @@ def run_e1(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str
         f"centralized_r{rank}", _reference_config("centralized", scale, rounds, checkpoint, rank),
         seeds, runs, workdirs, {"method": "centralized", "rank": rank, "keep_ratio": 1.0}))
   records.append(seeded.run(
-      "head_only", _reference_config("head_only", scale, rounds, checkpoint, ranks[-1]),
+      "head_only", _reference_config("head_only", scale, rounds, checkpoint, HEAD_ONLY_RANK),
       seeds, runs, workdirs, {"method": "head_only", "rank": 0, "keep_ratio": 1.0}))
   return records
 

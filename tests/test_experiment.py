@@ -239,6 +239,28 @@ def _seeded_run(method, rank, accs, bits, **fields):
               for a in accs]}
 
 
+def test_e1_head_only_run_is_the_same_whatever_ranks_are_asked(monkeypatch):
+  """`--ranks=4` and `--ranks=4,8` must resume one head-only record, not clash on its
+  fingerprint (the head-only config once took the last rank asked for)."""
+  from experiments import reproduce as reproduce_lib
+  from experiments import seeded
+  planned = {}
+
+  def plan(name, config, *_, **__):  # records each run's fingerprint instead of training
+    planned.setdefault(name, []).append(seeded.fingerprint(config))
+    return {}
+
+  monkeypatch.setattr(reproduce_lib.seeded, "run", plan)
+  monkeypatch.setattr(reproduce_lib.orthogonality, "run_variant", lambda *_, **__: {})
+  for ranks in ((4,), (4, 8), (8,)):
+    reproduce_lib.run_e1("test", 2, "ViT-B_16.npz", [0], "runs", "workdirs", ranks=ranks,
+                         variants=())
+  assert len(planned["head_only"]) == 3 and len(set(planned["head_only"])) == 1
+  # ... while the adapted runs do depend on their rank, and only on it.
+  assert len(set(planned["dense_r4"])) == 1 and not set(planned["dense_r4"]) & set(
+      planned["dense_r8"])
+
+
 def test_e1_rows_compare_at_equal_uplink_and_to_a_target_by_hand():
   from experiments import reproduce as reproduce_lib
   mb = 8e6
