@@ -256,7 +256,7 @@ def test_e1_head_only_run_is_the_same_whatever_ranks_are_asked(monkeypatch):
     reproduce_lib.run_e1("test", 2, "ViT-B_16.npz", [0], "runs", "workdirs", ranks=ranks,
                          variants=())
   assert len(planned["head_only"]) == 3 and len(set(planned["head_only"])) == 1
-  # ... while the adapted runs do depend on their rank, and only on it.
+  # ... while an adapted run does depend on its rank.
   assert len(set(planned["dense_r4"])) == 1 and not set(planned["dense_r4"]) & set(
       planned["dense_r8"])
 
