@@ -17,6 +17,8 @@ import time
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
+NO_YNN_DOTS = "--xla_cpu_experimental_ynn_fusion_type="
+
 # The CPU speed levers experiments/cpu_levers.py times, here (no flags) so that tests can read
 # them: name -> (XLA_FLAGS, client_parallelism); the first is the default the others compare with.
 CPU_LEVERS = {
@@ -27,6 +29,13 @@ CPU_LEVERS = {
     "onednn": ("--xla_cpu_use_onednn=true", 1),
     "fast_math": ("--xla_cpu_enable_fast_math=true", 1),
     "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", 1),
+    # jaxlib 0.10's CPU backend hands dots to YNNPACK by default; an empty list of YNN fusion
+    # types sends them back to XLA's own (Eigen) dot emitter.
+    "eigen_dots": (NO_YNN_DOTS, 1),
+    "eigen_dots_parallelism_2": (NO_YNN_DOTS, 2),
+    "eigen_dots_all_clients": (NO_YNN_DOTS, 0),
+    "xnnpack_dots": (NO_YNN_DOTS + " --xla_cpu_experimental_xnn_fusion_type="
+                     "LIBRARY_FUSION_TYPE_DOT", 1),
 }
 
 

@@ -167,6 +167,19 @@ def test_cpu_levers_arms_are_every_lever_or_the_default_and_the_named():
     round_timing.chosen_levers(["avx"])
 
 
+def test_every_lever_s_xla_flags_are_known_to_this_jaxlib():
+  """XLA aborts on a flag it does not know, so an arm whose flag a jaxlib upgrade renamed
+  (the YNN / XNN fusion lists are experimental) fails here instead of mid-benchmark."""
+  from experiments import round_timing
+
+  flag_sets = sorted({f for f, _ in round_timing.CPU_LEVERS.values() if f})
+  code = "import jax.numpy as jnp; print(float((jnp.ones((4, 4)) @ jnp.ones((4, 4))).sum()))"
+  for flags in flag_sets:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "XLA_FLAGS": flags})
+    assert done.returncode == 0 and done.stdout.split()[-1] == "64.0", (flags, done.stderr[-800:])
+
+
 def test_machine_names_the_cpu_generation_behind_a_vendor_only_model_name():
   from experiments import round_timing
 
