@@ -19,6 +19,7 @@ Arguments (`configs/tsfa.py:controller=osfa,rank=4,scale=cpu,budget_fraction=0.5
   budget_fraction: Tbar / dense reference latency.
   V: Lyapunov weight.
   spectrum: power_law | pilot (tsfa's offline spectrum model).
+  sparsification_cost: dropped | in_flight (how tsfa's J(r) prices dropped components).
   solver: cvx | numpy.
   rounds: 0 keeps the scale's default.
   eval_every: 0 keeps the scale's default.
@@ -34,7 +35,8 @@ REFERENCE_RANK = 8  # the dense upload that Tbar is a fraction of
 def get_config(arg=None):
   args = config_lib.parse_arg(
       arg, controller="tsfa", method="soft", rank=8, keep_ratio=0.5, scale="cpu",
-      budget_fraction=0.5, V=1.0, spectrum="power_law", solver="cvx", rounds=0, eval_every=0,
+      budget_fraction=0.5, V=1.0, spectrum="power_law", sparsification_cost="dropped",
+      solver="cvx", rounds=0, eval_every=0,
       checkpoint="ViT-B_16.npz")
   config = scales.base_for_scale(args.scale, args.checkpoint)
   dense = args.controller == "dense"
@@ -48,6 +50,7 @@ def get_config(arg=None):
   config.controller.V = args.V
   config.controller.solver = args.solver
   config.controller.spectrum = args.spectrum
+  config.controller.sparsification_cost = args.sparsification_cost
   config.wireless.budget_fraction = args.budget_fraction
   config.wireless.reference_rank = REFERENCE_RANK
   if args.rounds:

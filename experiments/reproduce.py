@@ -267,11 +267,25 @@ def run_e2(scale: str, rounds: int, checkpoint: str, seeds: list[int], runs: str
   osfa = [seeded.run(f"e2_osfa_r{r}", _tsfa_config(f"controller=osfa,rank={r},{common_arg}"),
                      seeds, runs, workdirs, {"method": "osfa", "rank": r, "keep_ratio": None})
           for r in ranks]
-  tsfa = seeded.run(tsfa_name, _tsfa_config(f"controller=tsfa,{common_arg}",
-                                            controller__rank_candidates=candidates),
-                    seeds, runs, workdirs, {"method": "tsfa", "rank": None, "keep_ratio": None,
-                                            "ranks": list(ranks)})
-  return osfa + [tsfa]
+  # One TSFA row per price of a dropped component in J(r) (docs/algorithm.md section 2); the
+  # default's record carries no cost field, as those recorded before the choice existed.
+  tsfa = []
+  for cost in choices.SPARSIFICATION_COSTS:
+    default = cost == "dropped"
+    tsfa.append(seeded.run(
+        tsfa_name + ("" if default else f"_{cost}"),
+        _tsfa_config(f"controller=tsfa,sparsification_cost={cost},{common_arg}",
+                     controller__rank_candidates=candidates),
+        seeds, runs, workdirs, {"method": "tsfa", "rank": None, "keep_ratio": None,
+                                "ranks": list(ranks),
+                                **({} if default else {"sparsification_cost": cost})}))
+  return osfa + tsfa
+
+
+def _e2_label(record: dict[str, Any]) -> str:
+  """osfa, tsfa (J(r)'s dropped price, the default) or tsfa in_flight."""
+  cost = record.get("sparsification_cost", "dropped")
+  return record["method"] + ("" if cost == "dropped" else f" {cost}")
 
 
 def tied_with_best(fixed: list[dict[str, Any]], alpha: float = 0.05) -> tuple[int, list[int]]:
@@ -292,12 +306,12 @@ def e2_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   rows = []
   for r in done:
     ranks = seeded.values(r, "rank")
-    rows.append({"label": r["method"], "method": r["method"], "rank": r["rank"],
+    rows.append({"label": _e2_label(r), "method": r["method"], "rank": r["rank"],
                  "keep_ratio": None, "seeds": r["seeds"], "seed_ranks": ranks,
                  "best_rank": best, "tied_ranks": tied,
                  "in_tied": [k in tied for k in ranks],
                  **_per_seed(r, E2_METRICS + ("queue",))})
-  tsfa = next((row for row in rows if row["method"] == "tsfa"), None)
+  tsfa = next((row for row in rows if row["label"] == "tsfa"), None)
   for row in rows:  # paired by seed: the same clients, channel draws and budget
     row["tsfa_minus_this"] = None if tsfa in (None, row) or tsfa["seeds"] != row["seeds"] else [
         t - a for t, a in zip(tsfa["final_accuracy"], row["final_accuracy"])]
@@ -318,7 +332,7 @@ def _rank_cell(row: dict[str, Any]) -> str:
 def e2_table(rows: list[dict[str, Any]]) -> str:
   tied = rows[0]["tied_ranks"]
   return markdown_table([
-      ("method", lambda r: r["method"]), ("rank", _rank_cell),
+      ("method", lambda r: r["label"]), ("rank", _rank_cell),
       ("seeds", lambda r: str(len(r["seeds"]))),
       _ci_col("final accuracy", "final_accuracy"),
       _ci_col("TSFA minus this (paired)", "tsfa_minus_this", "+.4f"),

@@ -53,7 +53,7 @@ _NOT_RESULTS = ("checkpoint", "metrics", "mesh", "data.data_dir", "model.cache_d
 # Config fields added after runs were recorded, with the default that reproduces the runs made
 # before them: at that default a field is left out of the fingerprint, so adding a field does
 # not orphan every committed summary; set to anything else, it is part of the identity.
-_ADDED_FIELDS = {"method.client_ranks": ""}
+_ADDED_FIELDS = {"method.client_ranks": "", "controller.sparsification_cost": "dropped"}
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:

@@ -378,19 +378,26 @@ def test_a_solver_failing_every_round_does_not_stop_the_run(cache_dir, tmp_path,
 def test_e2_driver_runs_seeded_ranks_and_checks_rbar(cache_dir, tmp_path):
   out = reproduce(cache_dir, str(tmp_path / "e2"), "e2", "--rounds=3", "--ranks=1,4",
                   "--seeds=0,1")
+  # TSFA's runs are named by candidates, and by J(r)'s price of a dropped component unless it
+  # is the default.
   assert sorted(os.listdir(os.path.join(out, "runs"))) == [
-      "e2_osfa_r1.json", "e2_osfa_r4.json", "e2_tsfa_1_4.json"]  # TSFA's named by candidates
+      "e2_osfa_r1.json", "e2_osfa_r4.json", "e2_tsfa_1_4.json", "e2_tsfa_1_4_in_flight.json"]
   rows = json.load(open(os.path.join(out, "e2.json")))
-  assert [(r["method"], r["rank"]) for r in rows] == [("osfa", 1), ("osfa", 4), ("tsfa", None)]
-  tsfa_row = rows[-1]
-  assert len(tsfa_row["seed_ranks"]) == 2 and set(tsfa_row["seed_ranks"]) <= {1, 4}
-  assert tsfa_row["in_tied"] == [k in tsfa_row["tied_ranks"] for k in tsfa_row["seed_ranks"]]
+  assert [(r["label"], r["rank"]) for r in rows] == [
+      ("osfa", 1), ("osfa", 4), ("tsfa", None), ("tsfa in_flight", None)]
+  tsfa_row, in_flight_row = rows[-2:]
+  for row in (tsfa_row, in_flight_row):
+    assert len(row["seed_ranks"]) == 2 and set(row["seed_ranks"]) <= {1, 4}
+    assert row["in_tied"] == [k in row["tied_ranks"] for k in row["seed_ranks"]]
   for r in rows:
     assert len(r["final_accuracy"]) == 2 and all(len(q) == 3 for q in r["queue"])
-  for r in rows[:-1]:  # paired by seed against TSFA
+  for r in rows[:2] + rows[3:]:  # paired by seed against TSFA at the default price
     assert r["tsfa_minus_this"] == pytest.approx(
         [t - a for t, a in zip(tsfa_row["final_accuracy"], r["final_accuracy"])])
   assert tsfa_row["tsfa_minus_this"] is None
+  assert json.load(open(os.path.join(out, "runs", "e2_tsfa_1_4_in_flight.json")))[
+      "sparsification_cost"] == "in_flight"
+  assert "| tsfa in_flight |" in open(os.path.join(out, "e2.md")).read()
   run = json.load(open(os.path.join(out, "runs", "e2_tsfa_1_4.json")))
   assert set(run["per_seed"][0]["offline"]["objective"]) == {"1", "4"}  # JSON keys
   # One budget per seed for every run: a fraction of the same dense reference on that seed's

@@ -102,6 +102,47 @@ def test_select_rank_returns_the_argmin():
   assert values_sv == pytest.approx(values)
 
 
+def test_in_flight_price_of_dropped_components_by_hand():
+  # m = min(r, max(1, mbar)); share = min(1, (r / m - 1) / P).
+  assert offline.in_flight_share(2, 2, 4.0) == 0.0  # every component fits
+  assert offline.in_flight_share(4, 2, 4.0) == pytest.approx(0.25)  # (2 - 1) / 4
+  assert offline.in_flight_share(8, 2, 4.0) == pytest.approx(0.75)  # (4 - 1) / 4
+  assert offline.in_flight_share(64, 4, 10.0) == 1.0  # (16 - 1) / 10, capped
+  assert offline.in_flight_share(8, 0, 14.0) == pytest.approx(0.5)  # one component: 7 / 14
+  with pytest.raises(ValueError, match="participations"):
+    offline.in_flight_share(8, 2, 0.0)
+  # gamma = 1, r_max = 8: energies (1/i) / H_8. At r = 4, mbar = 2: rho = (1/5 + ... + 1/8) / H_8,
+  # eps_sp = (1/3 + 1/4) / H_8; the in-flight price takes a quarter of eps_sp.
+  h8 = sum(1.0 / i for i in range(1, 9))
+  rho, eps = (1 / 5 + 1 / 6 + 1 / 7 + 1 / 8) / h8, (1 / 3 + 1 / 4) / h8
+  assert offline.rank_objective(4, 2, 1.0, 1.0, 0.0, 8, participations=4.0) == pytest.approx(
+      rho + 0.25 * eps)
+  assert offline.rank_objective(4, 2, 1.0, 1.0, 0.0, 8) == pytest.approx(rho + eps)
+  # On the K = 10 benchmark task's numbers (mbar 4, P = 80 x 10 / 20 = 40) the dropped price
+  # stops at rbar = mbar, the in-flight price goes to 32, where rho has fallen and little of
+  # the dropped energy is still in flight at the end.
+  candidates = [1, 2, 4, 8, 16, 32, 64]
+  assert offline.select_rank(candidates, 4, 1.0, 1.0, 0.1)[0] == 4
+  rbar, values = offline.select_rank(candidates, 4, 1.0, 1.0, 0.1, participations=40.0)
+  assert rbar == 32 and values[32] < values[64] < values[16]
+  # With very many participations every rank's dropped energy arrives: J is rho + kappa.
+  long_run = offline.select_rank(candidates, 4, 1.0, 1.0, 0.1, participations=1e9)[1]
+  assert long_run[64] == pytest.approx(0.1) and long_run[4] == pytest.approx(
+      offline.rank_objective_terms(4, 4, 64)[0] + 0.1 * 4 / 64)
+
+
+def test_the_run_prices_in_flight_with_its_own_participations():
+  from softjax.run import setup as setup_lib
+  from tests import support
+
+  config = support.make_testing_config()
+  assert setup_lib.participations(config) is None  # the default, dropped
+  config = support.with_overrides(config, {"controller.sparsification_cost": "in_flight",
+                                           "fl.rounds": 6, "fl.clients_per_round": 3,
+                                           "fl.num_clients": 4})
+  assert setup_lib.participations(config) == pytest.approx(6 * 3 / 4)
+
+
 # ------------------------------------------------------------------------------- online stage
 
 

@@ -277,6 +277,14 @@ def _validate_controller(config: ml_collections.ConfigDict) -> None:
   rules.choice("controller.spectrum", c.spectrum, choices.SPECTRA)
   rules.positive("controller.gamma", c.gamma)
   rules.number("controller.lambda_sp", c.lambda_sp, 0)
+  rules.choice("controller.sparsification_cost", c.sparsification_cost,
+               choices.SPARSIFICATION_COSTS)
+  if c.name == "tsfa" and c.sparsification_cost == "in_flight":
+    # The in-flight price assumes dropped components wait in a residual; without one they
+    # are lost and "dropped" is the right price.
+    rules.check(bool(config.method.error_feedback), "controller.sparsification_cost",
+                c.sparsification_cost, "assumes error feedback (method.error_feedback is "
+                "false); use 'dropped'")
   rules.number("controller.lambda_cov", c.lambda_cov, 0)
   rules.number("controller.quantile", c.quantile, 0, 1)
   rules.integer("controller.pilot_batches", c.pilot_batches, 1)

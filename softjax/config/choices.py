@@ -36,6 +36,8 @@ BUDGET_REFERENCES = ("expected_max", "worst")
 CONTROLLER_MODES = ("fixed", "osfa", "tsfa")
 SOLVERS = ("cvx", "numpy")  # where the solver fallback chain starts
 SPECTRA = ("power_law", "pilot")
+# J(r)'s price of a dropped component: all of it, or what error feedback leaves undelivered.
+SPARSIFICATION_COSTS = ("dropped", "in_flight")
 
 SWEEP_MODES = ("grid", "zip")
 

@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.controller.spectrum = "power_law"  # tsfa: power_law | pilot (full-weight pilot gradient)
   c.controller.gamma = 1.0  # power law sigma_i^2 ~ i^-gamma
   c.controller.lambda_sp = 1.0  # J(r) weight of the sparsification error
+  # tsfa: dropped (every dropped component is lost) | in_flight (only what error feedback has
+  # not delivered by round T is lost; docs/algorithm.md section 2)
+  c.controller.sparsification_cost = "dropped"
   c.controller.lambda_cov = 0.1  # J(r) weight of the covariance cost
   c.controller.quantile = 0.5  # client quantile at which mbar is evaluated
   c.controller.pilot_batches = 4  # spectrum=pilot: client batches in the pilot gradient

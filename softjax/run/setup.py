@@ -199,13 +199,22 @@ def _offline_stage(config, link, tbar: float, compute_at, layer_dims, head_param
       approx_rates_bps=rates,
       layer_dims=layer_dims, head_params=head_params, value_bits=config.fl.value_bits,
       quantile=c.quantile,
-      weights=offline_lib.RankWeights(c.gamma, c.lambda_sp, c.lambda_cov, singular_values),
+      weights=offline_lib.RankWeights(c.gamma, c.lambda_sp, c.lambda_cov, singular_values,
+                                      participations(config)),
       whole_upload=(lora_rules.component_values(config.method.rule, layer_dims)
                     if config.method.name == "dense" else None))
   print(f"TSFA offline stage: Tbar {tbar:.4g} s, rank {offline.rank} (J: "
         + ", ".join(f"{r}: {j:.3f}" for r, j in offline.objective.items())
         + f"), O_0 {offline.keep_ratio:.3f}", flush=True)
   return offline
+
+
+def participations(config: ml_collections.ConfigDict) -> float | None:
+  """A client's expected participations over the run, T K / N, for the in-flight price of
+  J(r); None under the `dropped` price."""
+  if config.controller.sparsification_cost != "in_flight":
+    return None
+  return config.fl.rounds * config.fl.clients_per_round / config.fl.num_clients
 
 
 def check_budget(config: ml_collections.ConfigDict, tbar_s: float, compute_s) -> None:

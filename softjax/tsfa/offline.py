@@ -167,9 +167,42 @@ def rank_objective_terms(r: int, mbar: int, r_max: int, gamma: float = 1.0,
   return rho, eps_sp, kappa
 
 
+def in_flight_share(r: int, mbar: int, participations: float) -> float:
+  """The share of the dropped energy that error feedback has not delivered by the end of
+  training: `min(1, (r / m - 1) / P)`, m = min(r, max(1, mbar)), P the participations.
+
+  Derivation (docs/algorithm.md section 2, "in-flight"): with error feedback a component the
+  client drops is not lost; it stays in the client's residual, whose score grows until the
+  component is among the m sent. Sending m of r components a participation, every component is
+  sent about once every r / m participations, so a dropped update waits up to r / m - 1 of
+  them. Over a run in which a client takes part P times, only what was dropped in the last
+  r / m - 1 participations is still in the residual at the end: that share of eps_sp is lost,
+  the rest arrives late. The share is 0 when every component fits (r <= m) and 1 when one
+  cycle through the components outlasts the run.
+
+  Args:
+    r: candidate rank.
+    mbar: affordable components per layer.
+    participations: P > 0, a client's expected participations over the run (T K / N).
+
+  Returns:
+    The share in [0, 1].
+
+  References: ALGORITHM.md section 5, step 4.
+  """
+  if not participations > 0:
+    raise ValueError(f"participations must be > 0, got {participations}")
+  kept = min(r, max(1, int(mbar)))
+  return min(1.0, (r / kept - 1.0) / participations)
+
+
 def rank_objective(r: int, mbar: int, gamma: float, lambda_sp: float, lambda_cov: float,
-                   r_max: int, singular_values=None) -> float:
-  """`J(r) = rho(r) + lambda_sp * eps_sp(r) + lambda_cov * kappa(r)`.
+                   r_max: int, singular_values=None, participations: float | None = None) -> float:
+  """`J(r) = rho(r) + lambda_sp * w(r) * eps_sp(r) + lambda_cov * kappa(r)`.
+
+  w(r) = 1 prices every dropped component as lost (`controller.sparsification_cost =
+  dropped`); with `participations`, w(r) = `in_flight_share` prices only what error feedback
+  has not delivered by the end (`in_flight`).
 
   Args:
     r: candidate rank.
@@ -179,6 +212,7 @@ def rank_objective(r: int, mbar: int, gamma: float, lambda_sp: float, lambda_cov
     lambda_cov: weight of the covariance cost.
     r_max: largest rank considered.
     singular_values: optional spectrum for the pilot-gradient option.
+    participations: None, or a client's expected participations (the in-flight cost).
 
   Returns:
     J(r).
@@ -186,18 +220,20 @@ def rank_objective(r: int, mbar: int, gamma: float, lambda_sp: float, lambda_cov
   References: ALGORITHM.md section 5, step 4.
   """
   rho, eps_sp, kappa = rank_objective_terms(r, mbar, r_max, gamma, singular_values)
-  return rho + lambda_sp * eps_sp + lambda_cov * kappa
+  share = 1.0 if participations is None else in_flight_share(r, mbar, participations)
+  return rho + lambda_sp * share * eps_sp + lambda_cov * kappa
 
 
 def select_rank(candidates: Sequence[int], mbar: int | Callable[[int], int], gamma: float = 1.0,
                 lambda_sp: float = 1.0, lambda_cov: float = 0.1, r_max: int | None = None,
-                singular_values=None) -> tuple[int, dict[int, float]]:
+                singular_values=None,
+                participations: float | None = None) -> tuple[int, dict[int, float]]:
   """`rbar = argmin_r J(r)` over candidate ranks; ties go to the smaller rank (cheaper).
 
   Args:
     candidates: ranks to compare.
     mbar: affordable components, an int or a function of the rank (its index bits depend on r).
-    gamma, lambda_sp, lambda_cov, singular_values: as in `rank_objective`.
+    gamma, lambda_sp, lambda_cov, singular_values, participations: as in `rank_objective`.
     r_max: defaults to max(candidates).
 
   Returns:
@@ -210,8 +246,8 @@ def select_rank(candidates: Sequence[int], mbar: int | Callable[[int], int], gam
     raise ValueError(f"candidates must be ranks >= 1, got {list(candidates)}")
   r_max = ranks[-1] if r_max is None else r_max
   mbar_of = mbar if callable(mbar) else (lambda _: mbar)
-  values = {r: rank_objective(r, mbar_of(r), gamma, lambda_sp, lambda_cov, r_max, singular_values)
-            for r in ranks}
+  values = {r: rank_objective(r, mbar_of(r), gamma, lambda_sp, lambda_cov, r_max, singular_values,
+                             participations) for r in ranks}
   best = min(ranks, key=lambda r: (values[r], r))
   return best, values
 
@@ -225,12 +261,15 @@ class RankWeights:
     lambda_sp: weight of the sparsification error.
     lambda_cov: weight of the covariance cost.
     singular_values: optional measured spectrum (the pilot-gradient option).
+    participations: None (every dropped component priced as lost), or a client's expected
+      participations over the run (only what error feedback has not delivered is priced).
   """
 
   gamma: float = 1.0
   lambda_sp: float = 1.0
   lambda_cov: float = 0.1
   singular_values: np.ndarray | None = None
+  participations: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +331,7 @@ def plan_offline(candidates: Sequence[int], *, tbar_s: float, compute_s, approx_
     ranks = [r for r in ranks if r <= mbar[r]] or [min(ranks)]
   rbar, objective = select_rank(ranks, mbar.__getitem__, weights.gamma, weights.lambda_sp,
                                 weights.lambda_cov, r_max=max(mbar),
-                                singular_values=weights.singular_values)
+                                singular_values=weights.singular_values,
+                                participations=weights.participations)
   keep = 1.0 if whole_upload is not None else initial_keep_ratio(mbar[rbar], rbar)
   return OfflinePlan(rbar, keep, mbar, objective)
