@@ -42,6 +42,7 @@ import jaxlib
 import ml_collections
 
 from experiments import round_timing, stats
+from softjax import config as config_lib
 from softjax import errors
 from softjax.run import experiment
 
@@ -57,11 +58,17 @@ _ADDED_FIELDS = {"method.client_ranks": "", "controller.sparsification_cost": "d
 
 
 def with_seeds(config: ml_collections.ConfigDict, seeds: list[int]) -> ml_collections.ConfigDict:
-  """A copy of the config with its seeds as one sweep (a single seed runs plain)."""
+  """A copy of the config with its seeds as one sweep (a single seed runs plain).
+
+  A single seed keeps the base config's data partition, as a sweep's members do
+  (softjax/config/sweep.py): seed s run alone is then the sweep's member s, which the seeds
+  that TSFA makes run one by one rely on to pair with swept rows.
+  """
   config = copy.deepcopy(config).unlock()
   if len(seeds) > 1:
     config.sweep.seed = ",".join(map(str, seeds))
   else:
+    config.data.partition_seed = config_lib.partition_seed(config)
     config.seed, config.sweep.seed = seeds[0], ""
   return config.lock()
 

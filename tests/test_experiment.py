@@ -261,6 +261,22 @@ def test_e1_head_only_run_is_the_same_whatever_ranks_are_asked(monkeypatch):
       planned["dense_r8"])
 
 
+def test_a_seed_run_alone_is_the_sweep_s_member_for_that_seed():
+  # TSFA's seeds run one by one when they pick different ranks, and are paired with swept
+  # rows: seed 3 alone must be member 3 of the sweep, data partition included (it was the
+  # seed's own partition before, the sweep's base one in the sweep).
+  from configs import tsfa as tsfa_config
+  from experiments import seeded
+  from softjax.config import sweep
+
+  base = tsfa_config.get_config("controller=osfa,scale=test")
+  assert base.seed == 0 and base.data.partition_seed == -1
+  alone = seeded.with_seeds(base, [3]).to_dict()
+  member = sweep.member_configs(seeded.with_seeds(base, [0, 3]))[1].to_dict()
+  assert alone["seed"] == 3 and alone["data"]["partition_seed"] == 0
+  assert alone == member
+
+
 def test_e1_rows_compare_at_equal_uplink_and_to_a_target_by_hand():
   from experiments import reproduce as reproduce_lib
   mb = 8e6
