@@ -133,6 +133,12 @@ def spectrum_energies(r_max: int, gamma: float = 1.0, singular_values=None) -> n
   return energies / total
 
 
+def kept_components(r: int, mbar: int) -> int:
+  """m = min(r, max(1, mbar)): the components a rank-r client keeps when mbar fit the budget;
+  at least one (ALGORITHM.md 2.3)."""
+  return min(r, max(1, int(mbar)))
+
+
 def rank_objective_terms(r: int, mbar: int, r_max: int, gamma: float = 1.0,
                          singular_values=None) -> tuple[float, float, float]:
   """The three rank-dependent terms of the bound at the initial keep ratio O_0(r).
@@ -160,7 +166,7 @@ def rank_objective_terms(r: int, mbar: int, r_max: int, gamma: float = 1.0,
   References: ALGORITHM.md section 5, step 4.
   """
   energies = spectrum_energies(r_max, gamma, singular_values)
-  kept = min(r, max(1, int(mbar)))
+  kept = kept_components(r, mbar)
   rho = float(energies[r:].sum())
   eps_sp = float(energies[kept:r].sum())
   kappa = r / r_max
@@ -192,8 +198,7 @@ def in_flight_share(r: int, mbar: int, participations: float) -> float:
   """
   if not participations > 0:
     raise ValueError(f"participations must be > 0, got {participations}")
-  kept = min(r, max(1, int(mbar)))
-  return min(1.0, (r / kept - 1.0) / participations)
+  return min(1.0, (r / kept_components(r, mbar) - 1.0) / participations)
 
 
 def rank_objective(r: int, mbar: int, gamma: float, lambda_sp: float, lambda_cov: float,
